@@ -1,0 +1,181 @@
+"""What each CLI command does, on every rank. Cheap checks first, then the model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from es_mpi import model as hf
+from es_mpi import runfile
+from es_mpi.config import Config
+from es_mpi.dist import Dist, set_threads
+from es_mpi.errors import EsError
+from es_mpi.train import check_task, n_prompts, open_session, rebuild, train_loop
+
+
+def _existing_run(cfg: Config) -> runfile.RunInfo | None:
+    """Rank 0: None for a new run file, or the info of one this config may continue."""
+    path = Path(cfg.run)
+    if not path.exists():
+        runfile.check_writable(path)
+        return None
+    info = runfile.read_info(path)
+    diffs = cfg.trajectory_differences(info.config)
+    if diffs:
+        detail = "; ".join(f"{d}: {getattr(info.config, d)!r} in the file, "
+                           f"{getattr(cfg, d)!r} now" for d in diffs)
+        raise EsError(f"run file {path} exists and was made with another config ({detail}); "
+                      f"pass another --run path, or continue it with: es-mpi resume {path}")
+    if not os.access(path, os.W_OK):
+        raise EsError(f"run file {path} is not writable")
+    return info
+
+
+def train(cfg: Config, dist: Dist) -> None:
+    """Start a run, or continue the one in cfg.run if it was made with the same config."""
+    hf.check_model_dir(cfg.model)
+    task, train_examples = check_task(cfg)
+    info = dist.bcast(dist.root_first(lambda: _existing_run(cfg)))
+    if info is not None:
+        _continue(cfg, info, dist)
+        return
+    set_threads(dist)
+    s = open_session(cfg, dist)
+    writer = dist.root_first(lambda: runfile.RunWriter.create(
+        cfg.run, cfg, cfg.model, s.fingerprint, n_prompts(cfg, train_examples)))
+    dist.print0(f"es-mpi: {cfg.population} members x {n_prompts(cfg, train_examples)} prompts, "
+                f"{dist.size} rank(s), task {cfg.task}, mode {cfg.mode}; run file {cfg.run}")
+    try:
+        train_loop(s, writer, 0)
+    finally:
+        if writer is not None:
+            writer.close()
+    _print_done(cfg, dist)
+
+
+def resume(path: str, generations: int | None, model: str | None, dist: Dist) -> None:
+    """Continue the run in `path` until `generations` in total."""
+    info = dist.bcast(dist.root_first(lambda: runfile.read_info(path)))
+    cfg = info.config.replace(run=str(path))
+    if generations is not None:
+        cfg = cfg.replace(generations=generations)
+    if model is not None:
+        cfg = cfg.replace(model=model)
+    hf.check_model_dir(cfg.model)
+    check_task(cfg)
+    _continue(cfg, info, dist)
+
+
+def _continue(cfg: Config, info: runfile.RunInfo, dist: Dist) -> None:
+    done = info.complete_generations
+    if done >= cfg.generations:
+        dist.print0(f"es-mpi: run file {cfg.run} already has {done} generations "
+                    f"(target {cfg.generations}); pass --generations to go further")
+        return
+    set_threads(dist)
+    s = open_session(cfg, dist)
+    rebuild(s, cfg.run, info, done)
+    dist.barrier()  # every rank has read the file before rank 0 opens it for writing
+
+    def reopen():
+        writer = runfile.RunWriter.open_append(cfg.run)
+        writer.f.attrs["config"] = cfg.to_json()
+        return writer
+
+    writer = dist.root_first(reopen)
+    dist.print0(f"es-mpi: resuming {cfg.run} at generation {done} of {cfg.generations} "
+                f"on {dist.size} rank(s)")
+    try:
+        train_loop(s, writer, done)
+    finally:
+        if writer is not None:
+            writer.close()
+    _print_done(cfg, dist)
+
+
+def _print_done(cfg: Config, dist: Dist) -> None:
+    dist.print0(f"es-mpi: done. run file: {cfg.run}\n"
+                f"  inspect: es-mpi inspect {cfg.run}\n"
+                f"  resume:  es-mpi resume {cfg.run} --generations {cfg.generations * 2}\n"
+                f"  export:  es-mpi export {cfg.run} OUT_DIR")
+
+
+def export(path: str, out_dir: str, generation: int | None, model: str | None,
+           dist: Dist) -> None:
+    """Rank 0 writes the weights of one generation as a Hugging Face directory."""
+    if not dist.is_root:
+        return
+    info = runfile.read_info(path)
+    done = info.complete_generations
+    generation = done if generation is None else generation
+    if not 0 <= generation <= done:
+        raise EsError(f"run file {path} has generations 0..{done}; cannot export {generation}")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise EsError(f"output directory {out} exists and is not empty; choose a new one")
+    cfg = info.config.replace(model=model or info.config.model, gpus_per_rank=1)
+    hf.check_model_dir(cfg.model)
+    if not os.access(out.resolve().parent if not out.exists() else out, os.W_OK):
+        raise EsError(f"cannot write {out}: parent directory not writable")
+    set_threads(dist)
+    s = open_session(cfg, Dist.serial())
+    rebuild(s, path, info, generation)
+    s.model.save_pretrained(out)
+    s.tokenizer.save_pretrained(out)
+    (out / "es_mpi_export.json").write_text(json.dumps({
+        "run_file": str(Path(path).resolve()), "generation": generation,
+        "checksum": f"{s.replica.checksum():016x}", "base_model": info.model_path,
+    }, indent=2) + "\n")
+    print(f"es-mpi: wrote generation {generation} of {path} to {out}", flush=True)
+
+
+def inspect_summary(path: str) -> dict:
+    """Everything `es-mpi inspect` shows, as plain JSON-able data."""
+    info = runfile.read_info(path)
+    rows = runfile.read_generations(path, fields=("reward_mean", "reward_min", "reward_max",
+                                                  "time_total", "world_size"))
+    done = info.complete_generations
+    last = [{"generation": g, "reward_mean": float(rows["reward_mean"][g]),
+             "reward_min": float(rows["reward_min"][g]),
+             "reward_max": float(rows["reward_max"][g])} for g in range(max(0, done - 5), done)]
+    return {
+        "path": str(path),
+        "file_bytes": os.path.getsize(path),
+        "format_version": info.format_version,
+        "es_mpi_version": info.es_mpi_version,
+        "created": info.created,
+        "model": {"path": info.model_path, "fingerprint": info.model_fingerprint},
+        "task": info.config.task,
+        "config": json.loads(info.config.to_json()),
+        "generations_complete": done,
+        "generations_target": info.config.generations,
+        "checkpoints": info.checkpoints,
+        "world_sizes": sorted({int(w) for w in rows["world_size"]}),
+        "seconds_total": float(np.sum(rows["time_total"])),
+        "last_generations": last,
+    }
+
+
+def inspect(path: str, as_json: bool, dist: Dist) -> None:
+    if not dist.is_root:
+        return
+    info = inspect_summary(path)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    cfg = info["config"]
+    print(f"run file     {info['path']} ({info['file_bytes'] / 2**20:.1f} MiB, format "
+          f"{info['format_version']}, es-mpi {info['es_mpi_version']}, created {info['created']})")
+    print(f"model        {info['model']['path']} (fingerprint {info['model']['fingerprint']})")
+    print(f"task         {info['task']}, mode {cfg['mode']}, population {cfg['population']}, "
+          f"sigma {cfg['sigma']}, lr {cfg['lr']}, shaping {cfg['shaping']}, "
+          f"antithetic {cfg['antithetic']}, seed {cfg['seed']}")
+    print(f"generations  {info['generations_complete']} of {info['generations_target']} "
+          f"complete, {info['seconds_total']:.1f} s, world sizes {info['world_sizes']}")
+    print(f"checkpoints  {info['checkpoints'] or 'none'}")
+    for g in info["last_generations"]:
+        print(f"  gen {g['generation'] + 1}: reward mean {g['reward_mean']:.4g} "
+              f"min {g['reward_min']:.4g} max {g['reward_max']:.4g}")

@@ -1,0 +1,169 @@
+"""The one typed run configuration: defaults, TOML loading, validation.
+
+A `Config` is validated once (in `__post_init__`), stored as JSON in the run file,
+and overridden field by field from the command line. Fields marked `resumable` may
+differ when a run is continued (they do not change the trajectory of the weights);
+every other field must match the run file exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from es_mpi.errors import EsError
+
+MAX_SEED = 2**63 - 1
+
+
+def _field(default, help: str, resumable: bool = False, **kw):
+    return field(default=default, metadata={"help": help, "resumable": resumable, **kw})
+
+
+@dataclass
+class Config:
+    model: str = _field("", "Hugging Face model directory (config.json + weights).", resumable=True)
+    task: str = _field("conciseness", "Reward task name.")
+    run: str = _field("run.h5", "HDF5 run file to create (or continue).", resumable=True)
+    population: int = _field(8, "Population size N (perturbations per generation), >= 2.")
+    sigma: float = _field(1e-3, "Noise scale: member i evaluates theta + sigma * eps_i.")
+    lr: float = _field(5e-4, "Learning rate alpha in theta += alpha/N * sum_i z_i eps_i.")
+    generations: int = _field(
+        10, "Total number of generations the run should reach.", resumable=True
+    )
+    seed: int = _field(0, "Run seed; every member seed derives from (seed, generation, member).")
+    mode: str = _field("full", "Population evaluation mode.", choices=("full",))
+    antithetic: bool = _field(False, "Evaluate mirrored pairs (eps, -eps); needs an even N.")
+    shaping: str = _field(
+        "zscore", "Reward shaping over the population.", choices=("zscore", "rank")
+    )
+    weight_decay: float = _field(0.0, "Decay rate lambda: theta -= lr * lambda * (theta - anchor).")
+    decay_to: str = _field(
+        "zero", "Anchor of weight decay: zero or the initial weights.", choices=("zero", "init")
+    )
+    max_new_tokens: int = _field(64, "Tokens generated per prompt (greedy decoding).")
+    batch_size: int = _field(
+        0, "Training prompts scored per generation (0 = all of the task's training prompts)."
+    )
+    dtype: str = _field(
+        "auto",
+        "Replica dtype (auto: bfloat16 on CUDA, float32 on CPU). Updates are always fp32.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    checkpoint_every: int = _field(
+        10, "Write a checkpoint delta every K generations (and at the end).", resumable=True
+    )
+    keep_checkpoints: int = _field(2, "Checkpoints kept in the run file (oldest dropped).",
+                                   resumable=True)
+    checksum_every: int = _field(
+        1, "Compare weight checksums across ranks every K generations.", resumable=True
+    )
+    gpus_per_rank: int = _field(1, "GPUs per rank; a replica is split across them.",
+                                resumable=True)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> EsError:
+            return EsError(f"config: {name} = {getattr(self, name)!r}: {why}")
+
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int",) and (isinstance(value, bool) or not isinstance(value, int)):
+                raise bad(f.name, "expected an integer")
+            if f.type == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise bad(f.name, "expected a number")
+                setattr(self, f.name, float(value))
+                if not math.isfinite(float(value)):
+                    raise bad(f.name, "must be finite")
+            if f.type == "bool" and not isinstance(value, bool):
+                raise bad(f.name, "expected true or false")
+            if f.type == "str" and not isinstance(value, str):
+                raise bad(f.name, "expected a string")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise bad(f.name, f"choose one of {', '.join(choices)}")
+        if self.population < 2:
+            raise bad("population", "need at least 2 members")
+        if self.antithetic and self.population % 2:
+            raise bad("population", "antithetic pairs need an even population (try "
+                      f"{self.population + 1})")
+        if not 0 < self.sigma <= 1:
+            raise bad("sigma", "must be in (0, 1]; the paper uses ~1e-3")
+        if not 0 < self.lr <= 10:
+            raise bad("lr", "must be in (0, 10]; the paper uses ~5e-4")
+        if self.weight_decay < 0 or self.lr * self.weight_decay >= 1:
+            raise bad("weight_decay", "need 0 <= weight_decay and lr * weight_decay < 1")
+        if self.generations < 1:
+            raise bad("generations", "must be >= 1")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise bad("seed", f"must be in [0, {MAX_SEED}]")
+        for name in ("max_new_tokens", "checkpoint_every", "keep_checkpoints", "checksum_every",
+                     "gpus_per_rank"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        if self.batch_size < 0:
+            raise bad("batch_size", "must be >= 0 (0 = all training prompts)")
+        if not self.task:
+            raise bad("task", "must name a task")
+
+    # -- (de)serialization ------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        normalized = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise EsError(f"{source}: unknown key {key!r}; valid keys: "
+                              f"{', '.join(sorted(known))}")
+            normalized[name] = value
+        return cls(**normalized)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        return cls.from_dict(json.loads(text), source="run file config")
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def trajectory_differences(self, other: Config) -> list[str]:
+        """Fields that differ and would change the weights' trajectory."""
+        return [
+            f.name for f in dataclasses.fields(self)
+            if not f.metadata["resumable"] and getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+def field_help(name: str) -> str:
+    return next(f.metadata["help"] for f in dataclasses.fields(Config) if f.name == name)
+
+
+def field_choices(name: str) -> tuple[str, ...] | None:
+    return next(f.metadata.get("choices") for f in dataclasses.fields(Config) if f.name == name)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; keys are Config field names (dashes allowed)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            values = tomllib.load(fh)
+    except FileNotFoundError:
+        raise EsError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise EsError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {f.name for f in dataclasses.fields(Config)}
+    for key in values:
+        if key.replace("-", "_") not in known:
+            raise EsError(f"config file {path}: unknown key {key!r}; valid keys: "
+                          f"{', '.join(sorted(known))}")
+    return {k.replace("-", "_"): v for k, v in values.items()}

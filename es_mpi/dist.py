@@ -1,0 +1,165 @@
+"""The MPI layer: the only module that imports mpi4py.
+
+Ranks exchange seeds and scalars only. `Dist` wraps COMM_WORLD with the few collectives
+the loop needs; without mpi4py (or its MPI library) a serial stand-in serves world size 1.
+Rank -> device binding and per-rank thread counts are decided here too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+
+from es_mpi.errors import EsError
+
+T = TypeVar("T")
+
+_LAUNCHER_VARS = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+class Dist:
+    """Rank, size, local rank and the collectives of one MPI job (or a serial stand-in)."""
+
+    def __init__(self, serial: bool = False) -> None:
+        self.comm = None
+        self.rank, self.size, self.local_rank, self.local_size = 0, 1, 0, 1
+        if serial:
+            return
+        try:
+            from mpi4py import MPI
+        except (ImportError, RuntimeError) as exc:
+            if any(v in os.environ for v in _LAUNCHER_VARS):
+                raise EsError(f"launched under MPI but mpi4py cannot load ({exc}); install "
+                              "mpi4py against this MPI (pip install mpi4py) or es-mpi[mpich]")
+            return
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = node.Get_rank()
+        self.local_size = node.Get_size()
+        node.Free()
+
+    @classmethod
+    def serial(cls) -> Dist:
+        """A world of one, whatever the launcher (for work that rank 0 does alone)."""
+        return cls(serial=True)
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def print0(self, *args: Any, **kw: Any) -> None:
+        if self.rank == 0:
+            print(*args, **kw, flush=True)
+
+    # -- collectives ------------------------------------------------------------------
+
+    def barrier(self) -> None:
+        if self.comm is not None:
+            self.comm.Barrier()
+
+    def bcast(self, obj: T) -> T:
+        return obj if self.comm is None else self.comm.bcast(obj, root=0)
+
+    def allgather(self, obj: T) -> list[T]:
+        return [obj] if self.comm is None else self.comm.allgather(obj)
+
+    def allgather_rows(self, rows: np.ndarray, counts: list[int]) -> np.ndarray:
+        """Concatenate every rank's structured rows (rank order); counts are known to all."""
+        if self.comm is None:
+            return rows.copy()
+        out = np.empty(sum(counts), dtype=rows.dtype)
+        itemsize = rows.dtype.itemsize
+        byte_counts = [c * itemsize for c in counts]
+        displs = np.concatenate([[0], np.cumsum(byte_counts)[:-1]]).tolist()
+        send = np.ascontiguousarray(rows).view(np.uint8)
+        self.comm.Allgatherv([send, self.MPI.BYTE],
+                             [out.view(np.uint8), (byte_counts, displs), self.MPI.BYTE])
+        return out
+
+    def root_first(self, fn: Callable[[], T]) -> T | None:
+        """Run fn on rank 0 only (its result stays there); an EsError is raised everywhere.
+
+        For checks and writes that only rank 0 makes (the run file, output paths), so all
+        ranks stop together instead of waiting forever in the next collective.
+        """
+        result = None
+        error = None
+        if self.is_root:
+            try:
+                result = fn()
+            except EsError as exc:
+                error = str(exc)
+        error = self.bcast(error)
+        if error is not None:
+            raise EsError(error)
+        return result
+
+    def agree(self, error: str | None) -> None:
+        """Collective: if any rank reports an error, raise the first one on every rank."""
+        errors = [e for e in self.allgather(error) if e]
+        if errors:
+            raise EsError(errors[0])
+
+    def abort(self, code: int = 1) -> None:
+        """Kill the whole job (for an unexpected error on one rank: the others would hang)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.comm is not None and self.size > 1:
+            self.comm.Abort(code)
+        sys.exit(code)
+
+
+def run_guarded(dist: Dist, fn: Callable[[], T]) -> T:
+    """Run fn; a bug (not an EsError) on any rank prints its traceback and aborts the job."""
+    try:
+        return fn()
+    except (EsError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:
+        sys.stderr.write(f"es-mpi: rank {dist.rank}: unexpected error\n")
+        traceback.print_exc()
+        dist.abort(1)
+        raise
+
+
+def set_threads(dist: Dist) -> int:
+    """Torch threads per rank: OMP_NUM_THREADS if set, else the cores shared out per node."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        threads = max(1, int(os.environ["OMP_NUM_THREADS"]))
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = max(1, (cores or 1) // dist.local_size)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def select_devices(dist: Dist, gpus_per_rank: int) -> list:
+    """The devices of this rank: k GPUs by local rank, or the CPU where CUDA is absent.
+
+    Works with mpiexec (every rank sees all GPUs of the node: take k from local rank) and
+    with srun binding (each rank sees exactly its own k GPUs: take them all).
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return [torch.device("cpu")]
+    visible = torch.cuda.device_count()
+    first = 0 if visible == gpus_per_rank else dist.local_rank * gpus_per_rank
+    if first + gpus_per_rank > visible:
+        raise EsError(f"rank {dist.rank} (local rank {dist.local_rank} of {dist.local_size}) "
+                      f"needs GPUs {first}..{first + gpus_per_rank - 1} but {visible} are "
+                      f"visible; start at most {visible // gpus_per_rank} ranks per node or "
+                      "lower --gpus-per-rank")
+    devices = [torch.device("cuda", first + i) for i in range(gpus_per_rank)]
+    torch.cuda.set_device(devices[0])
+    return devices

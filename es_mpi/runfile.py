@@ -1,0 +1,303 @@
+"""The HDF5 run file: one per run, written by rank 0 only, readable with plain h5py.
+
+Layout (see docs/runfile.md):
+
+    /                         attrs: format_version, es_mpi_version, created, config (JSON),
+                                     model_path, model_fingerprint, task, complete_generations
+    /generations/<name>       one row per generation, resizable along axis 0
+    /checkpoints/<t:08d>/     theta_t - theta_0 per tensor (fp32), attrs generation, checksum
+    /checkpoints/<t:08d>/fixups/<tensor>/{index,value}
+                              the few elements where fp32(theta_0 + delta) != theta_t, so a
+                              checkpoint restores the weights bit for bit
+
+Commit protocol: a generation's rows (and its checkpoint, if due) are written and flushed
+first; only then is the root attribute `complete_generations` raised and flushed again.
+Rows or checkpoints beyond `complete_generations` are leftovers of a crash: readers
+ignore them and `open_append` removes them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from es_mpi import __version__
+from es_mpi.config import Config
+from es_mpi.errors import EsError
+
+FORMAT_VERSION = 1
+
+# name -> (dtype, row shape key); "n" = one value per member, "b" = per prompt, "" = scalar
+GENERATION_FIELDS: dict[str, tuple[str, str]] = {
+    "seeds": ("i8", "n"),          # noise seed of each member (antithetic pairs share one)
+    "signs": ("i1", "n"),          # +1 / -1 (antithetic mirror)
+    "rewards": ("f8", "n"),        # mean reward of each member over the generation's prompts
+    "tokens": ("i8", "n"),         # tokens each member generated
+    "eval_seconds": ("f8", "n"),   # wall time of each member's evaluation
+    "eval_rank": ("i4", "n"),      # rank that evaluated the member
+    "prompt_ids": ("i8", "b"),     # training examples scored in this generation
+    "reward_mean": ("f8", ""),
+    "reward_std": ("f8", ""),
+    "reward_min": ("f8", ""),
+    "reward_max": ("f8", ""),
+    "checksum": ("i8", ""),        # weights checksum after this generation's update
+    "world_size": ("i4", ""),
+    "time_eval": ("f8", ""),       # phase timings on rank 0, seconds
+    "time_gather": ("f8", ""),
+    "time_update": ("f8", ""),
+    "time_checksum": ("f8", ""),
+    "time_io": ("f8", ""),
+    "time_total": ("f8", ""),
+    "timestamp": ("f8", ""),       # unix time at the end of the generation
+}
+
+
+@dataclass
+class RunInfo:
+    """What a run file says about its run (header + progress), read without torch."""
+
+    path: str
+    config: Config
+    format_version: int
+    es_mpi_version: str
+    created: str
+    model_path: str
+    model_fingerprint: str
+    complete_generations: int
+    checkpoints: list[int]
+
+
+def _open(path: str | Path, mode: str) -> h5py.File:
+    try:
+        if mode == "r":
+            return h5py.File(path, "r", locking=False)
+        return h5py.File(path, mode)
+    except FileNotFoundError:
+        raise EsError(f"run file {path} does not exist") from None
+    except BlockingIOError:
+        raise EsError(f"run file {path} is open in another process (HDF5 lock); "
+                      "stop that run first") from None
+    except OSError as exc:
+        text = str(exc)
+        if "lock" in text.lower():
+            raise EsError(f"run file {path} is open in another process (HDF5 lock); "
+                          "stop that run first") from None
+        raise EsError(f"run file {path} cannot be opened as HDF5 ({text.splitlines()[0]}); "
+                      "is it a run file of es-mpi, and complete?") from None
+
+
+def _checkpoint_generations(f: h5py.File, limit: int) -> list[int]:
+    if "checkpoints" not in f:
+        return []
+    gens = []
+    for name, group in f["checkpoints"].items():
+        if name.isdigit() and group.attrs.get("complete", False):
+            g = int(group.attrs["generation"])
+            if g <= limit:
+                gens.append(g)
+    return sorted(gens)
+
+
+def read_info(path: str | Path) -> RunInfo:
+    """Header and progress of a run file; raises EsError for anything not a valid run file."""
+    with _open(path, "r") as f:
+        attrs = f.attrs
+        if "format_version" not in attrs or "config" not in attrs:
+            raise EsError(f"{path} is an HDF5 file but not an es-mpi run file "
+                          "(no format_version/config attributes)")
+        version = int(attrs["format_version"])
+        if version > FORMAT_VERSION:
+            raise EsError(f"run file {path} has format version {version}, newer than this "
+                          f"es-mpi ({__version__}, format {FORMAT_VERSION}); upgrade es-mpi")
+        complete = int(attrs.get("complete_generations", 0))
+        return RunInfo(
+            path=str(path),
+            config=Config.from_json(attrs["config"]),
+            format_version=version,
+            es_mpi_version=str(attrs["es_mpi_version"]),
+            created=str(attrs["created"]),
+            model_path=str(attrs["model_path"]),
+            model_fingerprint=str(attrs["model_fingerprint"]),
+            complete_generations=complete,
+            checkpoints=_checkpoint_generations(f, complete),
+        )
+
+
+def read_generations(path: str | Path, start: int = 0, stop: int | None = None,
+                     fields: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Rows [start, stop) of the complete generations, as NumPy arrays by field name."""
+    with _open(path, "r") as f:
+        complete = int(f.attrs.get("complete_generations", 0))
+        stop = complete if stop is None else min(stop, complete)
+        gen = f["generations"]
+        names = fields or tuple(n for n in GENERATION_FIELDS if n in gen)
+        return {n: gen[n][start:stop] for n in names}
+
+
+def apply_checkpoint_(path: str | Path, generation: int,
+                      master: dict[str, torch.Tensor]) -> None:
+    """Turn `master` (holding theta_0, fp32) into theta_generation in place, bit-exact:
+    theta_0 + delta, then the stored fix-ups."""
+    with _open(path, "r") as f:
+        group = f[f"checkpoints/{generation:08d}"]
+        fixups = group["fixups"] if "fixups" in group else {}
+        for name, theta in master.items():
+            if name not in group:
+                raise EsError(f"run file {path}: checkpoint {generation} has no tensor {name!r}; "
+                              "was the run made with another model?")
+            theta.add_(torch.from_numpy(group[name][...]).to(theta.device))
+            if name in fixups:
+                index = torch.from_numpy(fixups[name]["index"][...]).to(theta.device)
+                value = torch.from_numpy(fixups[name]["value"][...]).to(theta.device)
+                theta.view(-1)[index] = value
+
+
+def checkpoint_checksum(path: str | Path, generation: int) -> int:
+    with _open(path, "r") as f:
+        return int(f[f"checkpoints/{generation:08d}"].attrs["checksum"])
+
+
+class RunWriter:
+    """Rank 0's handle on the run file while a run is going."""
+
+    def __init__(self, f: h5py.File):
+        self.f = f
+        self.path = f.filename
+
+    # -- opening ----------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | Path, config: Config, model_path: str, model_fingerprint: str,
+               n_prompts: int) -> RunWriter:
+        path = Path(path)
+        if path.exists():
+            raise EsError(f"run file {path} already exists")
+        try:
+            f = h5py.File(path, "w-", libver=("v110", "latest"),
+                          fs_strategy="fsm", fs_persist=True)
+        except OSError as exc:
+            raise EsError(f"cannot create run file {path}: {exc}") from None
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["es_mpi_version"] = __version__
+        f.attrs["created"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        f.attrs["config"] = config.to_json()
+        f.attrs["task"] = config.task
+        f.attrs["model_path"] = str(Path(model_path).resolve())
+        f.attrs["model_fingerprint"] = model_fingerprint
+        f.attrs["complete_generations"] = 0
+        gen = f.create_group("generations")
+        n = config.population
+        for name, (dtype, kind) in GENERATION_FIELDS.items():
+            width = {"n": (n,), "b": (n_prompts,), "": ()}[kind]
+            gen.create_dataset(name, shape=(0, *width), maxshape=(None, *width), dtype=dtype,
+                               chunks=(64, *width))
+        f.create_group("checkpoints")
+        f.flush()
+        return cls(f)
+
+    @classmethod
+    def open_append(cls, path: str | Path) -> RunWriter:
+        """Open for continuing; drops rows and checkpoints a crash left uncommitted."""
+        f = _open(path, "r+")
+        complete = int(f.attrs["complete_generations"])
+        for ds in f["generations"].values():
+            if ds.shape[0] > complete:
+                ds.resize(complete, axis=0)
+        keep = set(_checkpoint_generations(f, complete))
+        for name in list(f["checkpoints"]):
+            group = f["checkpoints"][name]
+            if not (name.isdigit() and int(group.attrs.get("generation", -1)) in keep):
+                del f["checkpoints"][name]
+        f.flush()
+        return cls(f)
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.flush()
+            self.f.close()
+
+    # -- writing ----------------------------------------------------------------------
+
+    @property
+    def complete_generations(self) -> int:
+        return int(self.f.attrs["complete_generations"])
+
+    def append_generation(self, generation: int, row: dict[str, np.ndarray | float | int]) -> None:
+        """Write generation `generation`'s row; it counts only after `commit`."""
+        if generation != self.complete_generations:
+            raise RuntimeError(f"writing generation {generation} but the file has "
+                               f"{self.complete_generations} complete")
+        gen = self.f["generations"]
+        missing = set(GENERATION_FIELDS) - set(row)
+        if missing:
+            raise RuntimeError(f"generation row lacks {sorted(missing)}")
+        for name in GENERATION_FIELDS:
+            ds = gen[name]
+            ds.resize(generation + 1, axis=0)
+            ds[generation] = row[name]
+
+    def set_field(self, generation: int, name: str, value: float) -> None:
+        self.f["generations"][name][generation] = value
+
+    def write_checkpoint(self, generation: int, checksum: int,
+                         tensors: Iterator[tuple[str, torch.Tensor, torch.Tensor]],
+                         keep: int) -> None:
+        """Store theta_t - theta_0 for (name, theta_t, theta_0) and drop old checkpoints."""
+        root = self.f["checkpoints"]
+        if ".partial" in root:
+            del root[".partial"]
+        group = root.create_group(".partial")
+        for name, theta, theta0 in tensors:
+            theta = theta.detach().to("cpu", torch.float32)
+            theta0 = theta0.detach().to("cpu", torch.float32)
+            delta = theta - theta0
+            wrong = ((theta0 + delta) != theta).view(-1).nonzero().view(-1)
+            arr = delta.numpy()
+            group.create_dataset(name, data=arr, chunks=_chunks(arr.shape), shuffle=True,
+                                 compression="lzf")
+            if wrong.numel():
+                fix = group.require_group("fixups").create_group(name)
+                fix.create_dataset("index", data=wrong.numpy())
+                fix.create_dataset("value", data=theta.view(-1)[wrong].numpy())
+        group.attrs["generation"] = generation
+        group.attrs["checksum"] = checksum
+        group.attrs["complete"] = True
+        name = f"{generation:08d}"
+        if name in root:
+            del root[name]
+        root.move(".partial", name)
+        for old in _checkpoint_generations(self.f, generation)[:-keep]:
+            del root[f"{old:08d}"]
+
+    def commit(self, generation: int) -> None:
+        """Mark generation `generation` complete: everything before this is flushed first."""
+        self.f.flush()
+        self.f.attrs["complete_generations"] = generation + 1
+        self.f.flush()
+
+
+def _chunks(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """About 1 MiB fp32 chunks along the first axis."""
+    if not shape:
+        return None
+    row = int(np.prod(shape[1:], dtype=np.int64)) or 1
+    rows = max(1, min(shape[0], (1 << 18) // row))
+    return (rows, *shape[1:])
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail early (before loading a model) if a new run file cannot be created at `path`."""
+    path = Path(path)
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise EsError(f"cannot create run file {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EsError(f"cannot create run file {path}: directory {parent} is not writable")
+

@@ -1,0 +1,38 @@
+"""The task interface: examples, prompts and a scalar reward on the completion only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Example = dict[str, Any]
+
+
+class Task:
+    """A reward task. Subclasses give examples and `reward`; prompts come from `user_text`.
+
+    `reward(completion, example)` sees the model's completion only (never the prompt), so a
+    model cannot earn reward by having the answer in its input.
+    """
+
+    name: str = "task"
+    use_chat_template: bool = True  # False: the prompt is the raw text, as in the paper
+
+    def train_examples(self) -> list[Example]:
+        raise NotImplementedError
+
+    def eval_examples(self) -> list[Example]:
+        raise NotImplementedError
+
+    def user_text(self, example: Example) -> str:
+        return example["prompt"]
+
+    def prompt(self, example: Example, tokenizer) -> str:
+        """The model's input text: the chat template where the tokenizer has one."""
+        text = self.user_text(example)
+        if self.use_chat_template and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return text
+
+    def reward(self, completion: str, example: Example) -> float:
+        raise NotImplementedError
