@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny real transformers model and helpers to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_model import make_tiny_model  # noqa: E402
+
+BIN = Path(sys.executable).parent
+ES_MPI = shutil.which("es-mpi", path=str(BIN)) or shutil.which("es-mpi")
+MPIEXEC = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run_cli(args: list[str], np: int | None = None, timeout: float = 300,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `es-mpi ARGS` alone (np=None) or under `mpiexec -n np`, capturing output."""
+    assert ES_MPI, "es-mpi is not installed in this environment"
+    cmd = [ES_MPI, *map(str, args)]
+    if np is not None:
+        if not MPIEXEC:
+            pytest.skip("mpiexec not found")
+        cmd = [MPIEXEC, "-n", str(np), *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(),
+                          cwd=cwd)
+
+
+def run_python_mpi(script: Path, args: list[str], np: int,
+                   timeout: float = 300) -> subprocess.CompletedProcess:
+    if not MPIEXEC:
+        pytest.skip("mpiexec not found")
+    cmd = [MPIEXEC, "-n", str(np), sys.executable, str(script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env())
