@@ -1,0 +1,200 @@
+"""Real processes: es-mpi under mpiexec -n 2 and alone; resume, replay, export, inspect.
+
+The determinism contract: same seed and config give bit-identical weights whatever the
+number of ranks and across any resume (same hardware).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli, run_python_mpi
+
+from es_mpi.es import checksum
+
+pytestmark = pytest.mark.mpi
+
+# population 5 over 2 ranks: members are dealt unevenly (3 + 2)
+ARGS = ["--population", "5", "--sigma", "0.05", "--lr", "0.05", "--max-new-tokens", "6",
+        "--checkpoint-every", "4", "--seed", "3", "--shaping", "rank"]
+
+
+def train(model, run, generations, np=None, extra=()):
+    result = run_cli(["train", "--model", model, "--run", run, *ARGS,
+                      "--generations", generations, *extra], np=np)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def rows(path):
+    with h5py.File(path, "r") as f:
+        n = f.attrs["complete_generations"]
+        return {k: v[:n] for k, v in f["generations"].items()}
+
+
+def delta(path, generation):
+    with h5py.File(path, "r") as f:
+        g = f[f"checkpoints/{generation:08d}"]
+        return {k: g[k][...] for k in g if isinstance(g[k], h5py.Dataset)}
+
+
+def assert_same_trajectory(a, b):
+    ra, rb = rows(a), rows(b)
+    for key in ("seeds", "signs", "rewards", "tokens", "prompt_ids", "checksum"):
+        np.testing.assert_array_equal(ra[key], rb[key], err_msg=key)
+    g = len(ra["checksum"])
+    da, db = delta(a, g), delta(b, g)
+    assert da.keys() == db.keys()
+    for k in da:
+        np.testing.assert_array_equal(da[k], db[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def run_n2(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("mpi") / "n2.h5"
+    result = train(tiny_model, path, 6, np=2)
+    return path, result
+
+
+@pytest.fixture(scope="module")
+def run_n1(tiny_model, tmp_path_factory):
+    """World size 1, launched without mpiexec."""
+    path = tmp_path_factory.mktemp("mpi") / "n1.h5"
+    train(tiny_model, path, 6)
+    return path
+
+
+def test_two_ranks_end_to_end(run_n2):
+    path, result = run_n2
+    progress = [ln for ln in result.stdout.splitlines() if ln.startswith("gen ")]
+    assert [ln.split()[1] for ln in progress] == [f"{g}/6" for g in range(1, 7)]
+    assert "reward mean" in progress[0] and "ETA" in progress[0]
+    assert f"run file: {path}" in result.stdout
+    r = rows(path)
+    assert r["seeds"].shape == (6, 5)
+    assert (r["world_size"] == 2).all()
+    assert set(r["eval_rank"][0].tolist()) == {0, 1}
+    assert r["eval_rank"][0].tolist() == [0, 1, 0, 1, 0]
+    assert (r["time_total"] > 0).all() and (r["time_eval"] > 0).all()
+    assert (r["tokens"] > 0).all()
+    assert len({tuple(x) for x in r["rewards"]}) > 1, "rewards never vary: test is vacuous"
+    with h5py.File(path, "r") as f:
+        assert sorted(f["checkpoints"]) == ["00000004", "00000006"]
+
+
+def test_same_weights_with_one_and_two_ranks(run_n1, run_n2):
+    assert_same_trajectory(run_n1, run_n2[0])
+
+
+def test_antithetic_same_weights_with_one_and_two_ranks(tiny_model, tmp_path):
+    extra = ["--population", "4", "--antithetic", "--shaping", "zscore"]
+    train(tiny_model, tmp_path / "a1.h5", 3, extra=extra)
+    train(tiny_model, tmp_path / "a2.h5", 3, np=2, extra=extra)
+    assert_same_trajectory(tmp_path / "a1.h5", tmp_path / "a2.h5")
+    signs = rows(tmp_path / "a2.h5")["signs"]
+    assert signs[0].tolist() == [1, -1, 1, -1]
+
+
+def test_resume_on_another_world_size_is_bit_identical(tiny_model, run_n2, tmp_path):
+    path = tmp_path / "stopped.h5"
+    train(tiny_model, path, 3)  # one rank, stops after 3 generations (checkpoint 3)
+    result = run_cli(["resume", path, "--generations", "6"], np=2)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout
+    assert_same_trajectory(path, run_n2[0])
+    assert rows(path)["world_size"].tolist() == [1, 1, 1, 2, 2, 2]
+
+
+def test_resume_replays_generations_after_the_checkpoint(run_n2, tmp_path):
+    """A crash after generation 5 was written but before it was committed: resume takes
+    checkpoint 4, replays generation 4 from the logged seeds and rewards, redoes 5."""
+    path = tmp_path / "crashed.h5"
+    shutil.copy(run_n2[0], path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["complete_generations"] = 5
+    result = run_cli(["resume", path])
+    assert result.returncode == 0, result.stderr
+    assert_same_trajectory(path, run_n2[0])
+
+
+def test_resume_replays_from_the_base_model_without_checkpoints(run_n2, tmp_path):
+    path = tmp_path / "nockpt.h5"
+    shutil.copy(run_n2[0], path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["complete_generations"] = 3
+        for name in list(f["checkpoints"]):
+            del f["checkpoints"][name]
+    result = run_cli(["resume", path, "--generations", "6"], np=2)
+    assert result.returncode == 0, result.stderr
+    assert_same_trajectory(path, run_n2[0])
+
+
+def test_export_loads_in_transformers(run_n2, tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = run_n2[0]
+    result = run_cli(["export", path, tmp_path / "g6"], np=2)
+    assert result.returncode == 0, result.stderr
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "g6", dtype=torch.float32)
+    AutoTokenizer.from_pretrained(tmp_path / "g6")
+    params = dict(model.named_parameters())
+    assert f"{checksum(params):016x}" == f"{int(rows(path)['checksum'][-1]):016x}"
+    meta = json.loads((tmp_path / "g6" / "es_mpi_export.json").read_text())
+    assert meta["generation"] == 6
+
+    assert run_cli(["export", path, tmp_path / "g0", "--generation", "0"]).returncode == 0
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    g0 = AutoModelForCausalLM.from_pretrained(tmp_path / "g0", dtype=torch.float32)
+    for (name, a), (_, b) in zip(base.named_parameters(), g0.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+        assert not torch.equal(a, params[name]), f"{name} never moved"
+
+
+def test_inspect_json_matches_the_file(run_n2):
+    path = run_n2[0]
+    result = run_cli(["inspect", path, "--json"])
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    r = rows(path)
+    assert info["generations_complete"] == 6
+    assert info["checkpoints"] == [4, 6]
+    assert info["world_sizes"] == [2]
+    assert info["config"]["population"] == 5
+    assert info["last_generations"][-1]["reward_mean"] == pytest.approx(r["reward_mean"][-1])
+    text = run_cli(["inspect", path])
+    assert "6 of 6 complete" in text.stdout and "checkpoints  [4, 6]" in text.stdout
+
+
+def test_a_failing_reward_on_one_rank_stops_every_rank(tiny_model, tmp_path):
+    """User reward code raising on rank 1 only: both ranks exit 2 with its message, no hang,
+    and the run file holds no generation evaluated with it."""
+    script = tmp_path / "raise_on_rank1.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from mpi4py import MPI
+        from tasks.conciseness import Conciseness
+        from es_mpi.cli import cli
+
+        def reward(self, completion, example):
+            if MPI.COMM_WORLD.rank == 1:
+                raise ValueError("broken scorer")
+            return 0.0
+
+        Conciseness.reward = reward
+        cli(sys.argv[1:])
+    """))
+    run = tmp_path / "r.h5"
+    result = run_python_mpi(script, ["train", "--model", tiny_model, "--run", run,
+                                     "--population", "4", "--max-new-tokens", "3"],
+                            np=2, timeout=120)
+    assert result.returncode != 0
+    assert "reward raised ValueError: broken scorer (member 1, rank 1)" in result.stderr
+    assert result.stderr.count("es-mpi: error:") == 1
+    with h5py.File(run, "r") as f:
+        assert f.attrs["complete_generations"] == 0
