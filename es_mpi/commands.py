@@ -34,16 +34,21 @@ def _existing_run(cfg: Config) -> runfile.RunInfo | None:
     return info
 
 
+def _prechecks(cfg: Config) -> list:
+    """Cheap checks on every rank before any model is loaded; the training examples."""
+    hf.check_model_dir(cfg.model)
+    return check_task(cfg)[1]
+
+
 def train(cfg: Config, dist: Dist) -> None:
     """Start a run, or continue the one in cfg.run if it was made with the same config."""
-    hf.check_model_dir(cfg.model)
-    task, train_examples = check_task(cfg)
+    train_examples = dist.collective(lambda: _prechecks(cfg))
     info = dist.bcast(dist.root_first(lambda: _existing_run(cfg)))
     if info is not None:
         _continue(cfg, info, dist)
         return
     set_threads(dist)
-    s = open_session(cfg, dist)
+    s = dist.collective(lambda: open_session(cfg, dist))
     writer = dist.root_first(lambda: runfile.RunWriter.create(
         cfg.run, cfg, cfg.model, s.fingerprint, n_prompts(cfg, train_examples)))
     dist.print0(f"es-mpi: {cfg.population} members x {n_prompts(cfg, train_examples)} prompts, "
@@ -64,8 +69,7 @@ def resume(path: str, generations: int | None, model: str | None, dist: Dist) ->
         cfg = cfg.replace(generations=generations)
     if model is not None:
         cfg = cfg.replace(model=model)
-    hf.check_model_dir(cfg.model)
-    check_task(cfg)
+    dist.collective(lambda: _prechecks(cfg))
     _continue(cfg, info, dist)
 
 
@@ -76,9 +80,9 @@ def _continue(cfg: Config, info: runfile.RunInfo, dist: Dist) -> None:
                     f"(target {cfg.generations}); pass --generations to go further")
         return
     set_threads(dist)
-    s = open_session(cfg, dist)
-    rebuild(s, cfg.run, info, done)
-    dist.barrier()  # every rank has read the file before rank 0 opens it for writing
+    s = dist.collective(lambda: open_session(cfg, dist))
+    # every rank reads the file (and agrees) before rank 0 opens it for writing
+    dist.collective(lambda: rebuild(s, cfg.run, info, done))
 
     def reopen():
         writer = runfile.RunWriter.open_append(cfg.run)

@@ -35,7 +35,8 @@ class Dist:
         except (ImportError, RuntimeError) as exc:
             if any(v in os.environ for v in _LAUNCHER_VARS):
                 raise EsError(f"launched under MPI but mpi4py cannot load ({exc}); install "
-                              "mpi4py against this MPI (pip install mpi4py) or es-mpi[mpich]")
+                              "mpi4py against this MPI (pip install mpi4py) or es-mpi[mpich]"
+                              ) from None
             return
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
@@ -100,6 +101,21 @@ class Dist:
         error = self.bcast(error)
         if error is not None:
             raise EsError(error)
+        return result
+
+    def collective(self, fn: Callable[[], T]) -> T:
+        """Run fn on every rank; an EsError on any rank is raised on all of them.
+
+        For per-rank work that can fail on some ranks only (a model dir missing on one
+        node, too few GPUs on another): nobody is left waiting in a collective.
+        """
+        result: Any = None
+        error = None
+        try:
+            result = fn()
+        except EsError as exc:
+            error = str(exc)
+        self.agree(error)
         return result
 
     def agree(self, error: str | None) -> None:

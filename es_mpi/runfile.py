@@ -147,7 +147,7 @@ def apply_checkpoint_(path: str | Path, generation: int,
     theta_0 + delta, then the stored fix-ups."""
     with _open(path, "r") as f:
         group = f[f"checkpoints/{generation:08d}"]
-        fixups = group["fixups"] if "fixups" in group else {}
+        fixups = group.get("fixups", {})
         for name, theta in master.items():
             if name not in group:
                 raise EsError(f"run file {path}: checkpoint {generation} has no tensor {name!r}; "

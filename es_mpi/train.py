@@ -115,7 +115,7 @@ def evaluate_members(s: Session, members: list[int], seeds_n: np.ndarray, signs_
         for text, example in zip(texts, examples, strict=True):
             try:
                 r = float(s.task.reward(text, example))
-            except Exception as exc:  # user code: report it, never update on it
+            except Exception as exc:  # noqa: BLE001  (user code: report it, never update on it)
                 s.error = (f"task {s.cfg.task}: reward raised {type(exc).__name__}: {exc} "
                            f"(member {i}, rank {s.dist.rank}); fix the reward function")
                 rows[k]["status"] = 1
@@ -209,7 +209,7 @@ def write_checkpoint(s: Session, writer: runfile.RunWriter, generation: int, che
 
 
 def format_seconds(sec: float) -> str:
-    sec = int(round(sec))
+    sec = round(sec)
     if sec < 60:
         return f"{sec}s"
     if sec < 3600:

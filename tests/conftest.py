@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_model import make_tiny_model  # noqa: E402
+from tiny_model import make_tiny_model
 
 BIN = Path(sys.executable).parent
 ES_MPI = shutil.which("es-mpi", path=str(BIN)) or shutil.which("es-mpi")

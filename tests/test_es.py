@@ -21,7 +21,7 @@ def _reference(master, seeds_n, signs_n, z_n, lr, wd=0.0, anchor=None):
     for name, theta in master.items():
         t = theta.double().numpy()
         step = np.zeros_like(t)
-        for seed, sign, z in zip(seeds_n, signs_n, z_n):
+        for seed, sign, z in zip(seeds_n, signs_n, z_n, strict=True):
             eps = tensor_noise(int(seed), name, theta.shape, torch.device("cpu")).double().numpy()
             step += z * sign * eps
         a = 0.0 if anchor is None else anchor[name].double().numpy()

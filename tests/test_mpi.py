@@ -198,3 +198,46 @@ def test_a_failing_reward_on_one_rank_stops_every_rank(tiny_model, tmp_path):
     assert result.stderr.count("es-mpi: error:") == 1
     with h5py.File(run, "r") as f:
         assert f.attrs["complete_generations"] == 0
+
+
+def test_diverged_replica_is_caught_by_the_checksum(tiny_model, tmp_path):
+    """Flip one bit of rank 1's weights after its second update: the run stops with the
+    rank and generation named, and that generation is never committed."""
+    script = tmp_path / "flip_bit_on_rank1.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from mpi4py import MPI
+        from es_mpi.es import Replica
+        from es_mpi.cli import cli
+
+        update = Replica.update
+        calls = []
+
+        def flipping_update(self, *args, **kw):
+            update(self, *args, **kw)
+            calls.append(1)
+            if MPI.COMM_WORLD.rank == 1 and len(calls) == 2:
+                name = next(iter(self.master))
+                self.master[name].view(-1).view(__import__("torch").int32)[0] ^= 1 << 3
+
+        Replica.update = flipping_update
+        cli(sys.argv[1:])
+    """))
+    run = tmp_path / "r.h5"
+    result = run_python_mpi(script, ["train", "--model", tiny_model, "--run", run,
+                                     "--population", "4", "--max-new-tokens", "3",
+                                     "--generations", "4"], np=2, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert ("replicas diverged after generation 1: weight checksum of rank(s) 1 differs "
+            "from rank 0") in result.stderr
+    with h5py.File(run, "r") as f:
+        assert f.attrs["complete_generations"] == 1
+
+
+def test_bf16_replica_resumes_bit_identically(tiny_model, tmp_path):
+    extra = ["--dtype", "bfloat16", "--checkpoint-every", "2"]
+    train(tiny_model, tmp_path / "full.h5", 4, np=2, extra=extra)
+    train(tiny_model, tmp_path / "half.h5", 3, extra=extra)
+    result = run_cli(["resume", tmp_path / "half.h5", "--generations", "4"], np=2)
+    assert result.returncode == 0, result.stderr
+    assert_same_trajectory(tmp_path / "full.h5", tmp_path / "half.h5")
