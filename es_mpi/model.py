@@ -76,10 +76,10 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return dict(model.named_parameters())
 
 
-def encode_prompts(tokenizer, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-    """Left-padded batch; prompts from a chat template already carry their special tokens."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True,
-                    add_special_tokens=not getattr(tokenizer, "chat_template", None))
+def encode_prompts(tokenizer, prompts: list[str], device: torch.device,
+                   templated: bool) -> dict[str, torch.Tensor]:
+    """Left-padded batch; templated prompts already carry their special tokens."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not templated)
     return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 

@@ -141,7 +141,7 @@ def run_generation(s: Session, t: int) -> dict:
     prompt_ids = prompt_ids_for(cfg, t, len(s.train))
     examples = [s.train[j] for j in prompt_ids]
     batch = hf.encode_prompts(s.tokenizer, [s.task.prompt(e, s.tokenizer) for e in examples],
-                              s.device)
+                              s.device, s.task.templated(s.tokenizer))
 
     s.error = None
     mine = members_of(dist.rank, dist.size, n)

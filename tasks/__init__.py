@@ -17,4 +17,4 @@ def get_task(name: str) -> Task:
         raise EsError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
 
 
-__all__ = ["Example", "Task", "TASKS", "get_task"]
+__all__ = ["TASKS", "Example", "Task", "get_task"]

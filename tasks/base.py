@@ -26,10 +26,14 @@ class Task:
     def user_text(self, example: Example) -> str:
         return example["prompt"]
 
+    def templated(self, tokenizer) -> bool:
+        """Whether prompts go through the tokenizer's chat template."""
+        return self.use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+
     def prompt(self, example: Example, tokenizer) -> str:
         """The model's input text: the chat template where the tokenizer has one."""
         text = self.user_text(example)
-        if self.use_chat_template and getattr(tokenizer, "chat_template", None):
+        if self.templated(tokenizer):
             return tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
         return text
