@@ -31,6 +31,7 @@ def _existing_run(cfg: Config) -> runfile.RunInfo | None:
                       f"pass another --run path, or continue it with: es-mpi resume {path}")
     if not os.access(path, os.W_OK):
         raise EsError(f"run file {path} is not writable")
+    runfile.check_unlocked(path)
     return info
 
 
@@ -63,7 +64,12 @@ def train(cfg: Config, dist: Dist) -> None:
 
 def resume(path: str, generations: int | None, model: str | None, dist: Dist) -> None:
     """Continue the run in `path` until `generations` in total."""
-    info = dist.bcast(dist.root_first(lambda: runfile.read_info(path)))
+    def check():
+        info = runfile.read_info(path)
+        runfile.check_unlocked(path)
+        return info
+
+    info = dist.bcast(dist.root_first(check))
     cfg = info.config.replace(run=str(path))
     if generations is not None:
         cfg = cfg.replace(generations=generations)

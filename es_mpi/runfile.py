@@ -19,6 +19,7 @@ ignore them and `open_append` removes them.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -180,8 +181,9 @@ class RunWriter:
         if path.exists():
             raise EsError(f"run file {path} already exists")
         try:
-            f = h5py.File(path, "w-", libver=("v110", "latest"),
-                          fs_strategy="fsm", fs_persist=True)
+            # default libver on purpose: newer superblocks carry a "file open for write"
+            # flag that stops readers (es-mpi inspect) while a run is going
+            f = h5py.File(path, "w-", fs_strategy="fsm", fs_persist=True)
         except OSError as exc:
             raise EsError(f"cannot create run file {path}: {exc}") from None
         f.attrs["format_version"] = FORMAT_VERSION
@@ -290,6 +292,24 @@ def _chunks(shape: tuple[int, ...]) -> tuple[int, ...] | None:
     row = int(np.prod(shape[1:], dtype=np.int64)) or 1
     rows = max(1, min(shape[0], (1 << 18) // row))
     return (rows, *shape[1:])
+
+
+def check_unlocked(path: str | Path) -> None:
+    """Fail early if another process holds the run file open for writing (HDF5's flock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise EsError(f"run file {path} cannot be read: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise EsError(f"run file {path} is open in another process (HDF5 lock); "
+                      "stop that run first") from None
+    except OSError:
+        pass  # no flock on this file system: HDF5's own open will decide
+    finally:
+        os.close(fd)
 
 
 def check_writable(path: str | Path) -> None:

@@ -117,3 +117,19 @@ def test_create_refuses_existing_file_and_missing_dir(tmp_path):
         runfile.RunWriter.create(path, Config(model="m"), "m", "x", 1)
     with pytest.raises(EsError, match="does not exist"):
         runfile.check_writable(tmp_path / "no" / "run.h5")
+
+
+def test_readers_work_while_a_run_writes_and_a_second_writer_is_refused(tmp_path):
+    from conftest import run_cli
+
+    path = tmp_path / "run.h5"
+    writer = _write(path, generations=2)
+    try:
+        result = run_cli(["inspect", path, "--json"])
+        assert result.returncode == 0, result.stderr
+        assert '"generations_complete": 2' in result.stdout
+        second = run_cli(["resume", path, "--generations", "5"])
+        assert second.returncode == 2
+        assert "is open in another process" in second.stderr
+    finally:
+        writer.close()
