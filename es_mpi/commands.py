@@ -44,6 +44,7 @@ def _prechecks(cfg: Config) -> list:
 def train(cfg: Config, dist: Dist) -> None:
     """Start a run, or continue the one in cfg.run if it was made with the same config."""
     train_examples = dist.collective(lambda: _prechecks(cfg))
+    cfg = cfg.replace(model=str(Path(cfg.model).resolve()))  # resume may run elsewhere
     info = dist.bcast(dist.root_first(lambda: _existing_run(cfg)))
     if info is not None:
         _continue(cfg, info, dist)

@@ -125,3 +125,13 @@ def test_help_documents_every_flag():
         assert flag in result.output
     for cmd in ["resume", "export", "inspect"]:
         assert invoke([cmd, "--help"]).exit_code == 0
+
+
+def test_relative_model_path_survives_resume_from_another_directory(tiny_model, tmp_path):
+    run = tmp_path / "rel.h5"
+    first = run_cli(["train", "--model", tiny_model.name, "--run", run, *TINY_ARGS,
+                     "--generations", "1"], cwd=tiny_model.parent)
+    assert first.returncode == 0, first.stderr
+    again = run_cli(["resume", run, "--generations", "2"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "gen 2/2" in again.stdout
