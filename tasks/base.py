@@ -16,6 +16,8 @@ class Task:
 
     name: str = "task"
     use_chat_template: bool = True  # False: the prompt is the raw text, as in the paper
+    # an example counts as solved when its reward >= this (None: report mean reward only)
+    solved_reward: float | None = None
 
     def train_examples(self) -> list[Example]:
         raise NotImplementedError
@@ -40,3 +42,7 @@ class Task:
 
     def reward(self, completion: str, example: Example) -> float:
         raise NotImplementedError
+
+    def rewards(self, completions: list[str], examples: list[Example]) -> list[float]:
+        """Score a batch; override where batching helps (e.g. a reward model)."""
+        return [self.reward(c, e) for c, e in zip(completions, examples, strict=True)]
