@@ -126,6 +126,46 @@ def export(run_file: str, out_dir: str, generation: int | None, model: str | Non
     _run(body)
 
 
+@cli.command(name="eval")
+@click.argument("target", metavar="MODEL_DIR|RUN.h5[@G]")
+@click.option("--task", default=None,
+              help="Task to score (default: the run's task, or conciseness for a model dir).")
+@click.option("--task-data", default=None, metavar="PATH",
+              help="JSON/JSONL file of examples for the task.")
+@click.option("--reward", default=None, metavar="MODULE:FN",
+              help="Reward function for --task jsonl:PATH.")
+@click.option("--limit", type=int, default=0, show_default=True,
+              help="Score at most N held-out examples (0 = all).")
+@click.option("--max-new-tokens", type=int, default=None,
+              help="Tokens generated per prompt [default: the run's, or 64].")
+@click.option("--batch-size", type=int, default=None,
+              help="Prompts per generate call [default: 16].")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              default=None, help="Replica dtype [default: the run's, or auto].")
+@click.option("--model", metavar="DIR", default=None,
+              help="Base model directory of a run file, if it moved since the run started.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
+def eval_command(target: str, task, task_data, reward, limit, max_new_tokens, batch_size, dtype,
+                 model, as_json) -> None:
+    """Score a model dir, or generation G of a run file, on the task's held-out examples.
+
+    Greedy decoding, batched, the examples shared out across the MPI ranks. Prints the mean
+    reward and, for tasks with a notion of solved, the accuracy.
+    """
+    def body(dist):
+        from es_mpi import commands
+
+        if limit < 0:
+            raise EsError(f"--limit {limit}: must be >= 0")
+        overrides = {"task": task, "task_data": task_data, "reward": reward,
+                     "max_new_tokens": max_new_tokens, "eval_batch_size": batch_size,
+                     "dtype": dtype, "model": model}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        commands.evaluate_target(target, overrides, limit, as_json, dist)
+
+    _run(body)
+
+
 @cli.command()
 @click.argument("run_file", metavar="RUN.h5")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")

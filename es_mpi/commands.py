@@ -13,7 +13,15 @@ from es_mpi import runfile
 from es_mpi.config import Config
 from es_mpi.dist import Dist, set_threads
 from es_mpi.errors import EsError
-from es_mpi.train import check_task, n_prompts, open_session, rebuild, train_loop
+from es_mpi.evaluate import eval_examples, evaluate
+from es_mpi.train import (
+    check_task,
+    examples_fingerprint,
+    n_prompts,
+    open_session,
+    rebuild,
+    train_loop,
+)
 
 
 def _existing_run(cfg: Config) -> runfile.RunInfo | None:
@@ -44,7 +52,9 @@ def _prechecks(cfg: Config) -> list:
 def train(cfg: Config, dist: Dist) -> None:
     """Start a run, or continue the one in cfg.run if it was made with the same config."""
     train_examples = dist.collective(lambda: _prechecks(cfg))
-    cfg = cfg.replace(model=str(Path(cfg.model).resolve()))  # resume may run elsewhere
+    # absolute paths: resume and export may run from another directory
+    cfg = cfg.replace(model=str(Path(cfg.model).resolve()),
+                      task_data=str(Path(cfg.task_data).resolve()) if cfg.task_data else "")
     info = dist.bcast(dist.root_first(lambda: _existing_run(cfg)))
     if info is not None:
         _continue(cfg, info, dist)
@@ -52,7 +62,8 @@ def train(cfg: Config, dist: Dist) -> None:
     set_threads(dist)
     s = dist.collective(lambda: open_session(cfg, dist))
     writer = dist.root_first(lambda: runfile.RunWriter.create(
-        cfg.run, cfg, cfg.model, s.fingerprint, n_prompts(cfg, train_examples)))
+        cfg.run, cfg, cfg.model, s.fingerprint, examples_fingerprint(train_examples),
+        n_prompts(cfg, train_examples)))
     dist.print0(f"es-mpi: {cfg.population} members x {n_prompts(cfg, train_examples)} prompts, "
                 f"{dist.size} rank(s), task {cfg.task}, mode {cfg.mode}; run file {cfg.run}")
     try:
@@ -141,6 +152,45 @@ def export(path: str, out_dir: str, generation: int | None, model: str | None,
         "checksum": f"{s.replica.checksum():016x}", "base_model": info.model_path,
     }, indent=2) + "\n")
     print(f"es-mpi: wrote generation {generation} of {path} to {out}", flush=True)
+
+
+def evaluate_target(target: str, overrides: dict, limit: int, as_json: bool,
+                    dist: Dist) -> None:
+    """Score a model directory or a run file's generation (RUN.h5[@G]) on held-out examples."""
+    path, at, gen_text = target.rpartition("@") if "@" in target else (target, "", "")
+    info, generation = None, None
+    if Path(path).is_file():
+        info = dist.bcast(dist.root_first(lambda: runfile.read_info(path)))
+        cfg = info.config.replace(**overrides)
+        generation = info.complete_generations
+        if at:
+            if not gen_text.isdigit() or int(gen_text) > generation:
+                raise EsError(f"{target}: generation must be an integer in 0..{generation}")
+            generation = int(gen_text)
+    elif at:
+        raise EsError(f"run file {path} does not exist")
+    else:
+        if "model" in overrides:
+            raise EsError("--model applies to a run file; pass the model directory as TARGET")
+        cfg = Config.from_dict({"model": target, **overrides})
+    examples = dist.collective(lambda: (_prechecks(cfg),
+                                        eval_examples(check_task(cfg)[0], limit))[1])
+    set_threads(dist)
+    s = dist.collective(lambda: open_session(cfg, dist))
+    if info is not None:
+        dist.collective(lambda: rebuild(s, path, info, generation))
+    result = evaluate(s, examples, cfg.eval_batch_size)
+    what = f"{path}@{generation}" if info is not None else target
+    if as_json:
+        dist.print0(json.dumps({
+            "target": what, "task": cfg.task, "n_examples": result.n,
+            "mean_reward": result.mean_reward,
+            "accuracy": None if np.isnan(result.accuracy) else result.accuracy,
+            "max_new_tokens": cfg.max_new_tokens, "seconds": result.seconds,
+            "rewards": result.rewards.tolist()}))
+    else:
+        dist.print0(f"eval {cfg.task} on {what}: {result.summary()} "
+                    f"({cfg.max_new_tokens} new tokens, {result.seconds:.1f} s)")
 
 
 def inspect_summary(path: str) -> dict:

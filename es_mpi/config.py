@@ -28,7 +28,14 @@ def _field(default, help: str, resumable: bool = False, **kw):
 @dataclass
 class Config:
     model: str = _field("", "Hugging Face model directory (config.json + weights).", resumable=True)
-    task: str = _field("conciseness", "Reward task name.")
+    task: str = _field("conciseness", "Reward task: a name (conciseness, ...), module:Class, "
+                       "or jsonl:PATH with --reward.")
+    task_data: str = _field("", "JSON/JSONL file of examples for the task (default: built-in).")
+    reward: str = _field("", "module:function scoring a jsonl:PATH task: fn(completion, "
+                         "example) -> float.")
+    reward_timeout: float = _field(
+        0.0, "Seconds one batch of rewards may take (0 = no limit); past it the run stops.",
+        resumable=True)
     run: str = _field("run.h5", "HDF5 run file to create (or continue).", resumable=True)
     population: int = _field(8, "Population size N (perturbations per generation), >= 2.")
     sigma: float = _field(1e-3, "Noise scale: member i evaluates theta + sigma * eps_i.")
@@ -55,6 +62,12 @@ class Config:
         "Replica dtype (auto: bfloat16 on CUDA, float32 on CPU). Updates are always fp32.",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
+    eval_every: int = _field(
+        0, "Score the held-out examples every K generations, at the start and the end "
+        "(0 = never).", resumable=True)
+    eval_limit: int = _field(0, "Held-out examples per evaluation (0 = all).", resumable=True)
+    eval_batch_size: int = _field(16, "Prompts per generate call in held-out evaluation.",
+                                  resumable=True)
     checkpoint_every: int = _field(
         10, "Write a checkpoint delta every K generations (and at the end).", resumable=True
     )
@@ -106,6 +119,12 @@ class Config:
                      "gpus_per_rank"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
+        if self.reward_timeout < 0:
+            raise bad("reward_timeout", "must be >= 0 (0 = no limit)")
+        if self.eval_every < 0 or self.eval_limit < 0:
+            raise bad("eval_every" if self.eval_every < 0 else "eval_limit", "must be >= 0")
+        if self.eval_batch_size < 1:
+            raise bad("eval_batch_size", "must be >= 1")
         if self.batch_size < 0:
             raise bad("batch_size", "must be >= 0 (0 = all training prompts)")
         if not self.task:

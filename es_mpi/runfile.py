@@ -60,6 +60,15 @@ GENERATION_FIELDS: dict[str, tuple[str, str]] = {
 }
 
 
+EVAL_FIELDS: dict[str, str] = {
+    "generation": "i8",    # weights after this many generations (0 = base model)
+    "mean_reward": "f8",
+    "accuracy": "f8",      # NaN where the task has no notion of solved
+    "n_examples": "i8",
+    "seconds": "f8",
+}
+
+
 @dataclass
 class RunInfo:
     """What a run file says about its run (header + progress), read without torch."""
@@ -71,6 +80,7 @@ class RunInfo:
     created: str
     model_path: str
     model_fingerprint: str
+    task_fingerprint: str
     complete_generations: int
     checkpoints: list[int]
 
@@ -126,6 +136,7 @@ def read_info(path: str | Path) -> RunInfo:
             created=str(attrs["created"]),
             model_path=str(attrs["model_path"]),
             model_fingerprint=str(attrs["model_fingerprint"]),
+            task_fingerprint=str(attrs.get("task_fingerprint", "")),
             complete_generations=complete,
             checkpoints=_checkpoint_generations(f, complete),
         )
@@ -140,6 +151,17 @@ def read_generations(path: str | Path, start: int = 0, stop: int | None = None,
         gen = f["generations"]
         names = fields or tuple(n for n in GENERATION_FIELDS if n in gen)
         return {n: gen[n][start:stop] for n in names}
+
+
+def read_evals(path: str | Path) -> dict[str, np.ndarray]:
+    """Committed held-out evaluations, as NumPy arrays by field name."""
+    with _open(path, "r") as f:
+        if "eval" not in f:
+            return {name: np.zeros(0, dtype) for name, dtype in EVAL_FIELDS.items()}
+        complete = int(f.attrs.get("complete_generations", 0))
+        gens = f["eval/generation"][...]
+        keep = gens <= complete
+        return {name: f["eval"][name][...][keep] for name in EVAL_FIELDS}
 
 
 def apply_checkpoint_(path: str | Path, generation: int,
@@ -176,7 +198,7 @@ class RunWriter:
 
     @classmethod
     def create(cls, path: str | Path, config: Config, model_path: str, model_fingerprint: str,
-               n_prompts: int) -> RunWriter:
+               task_fingerprint: str, n_prompts: int) -> RunWriter:
         path = Path(path)
         if path.exists():
             raise EsError(f"run file {path} already exists")
@@ -193,6 +215,7 @@ class RunWriter:
         f.attrs["task"] = config.task
         f.attrs["model_path"] = str(Path(model_path).resolve())
         f.attrs["model_fingerprint"] = model_fingerprint
+        f.attrs["task_fingerprint"] = task_fingerprint
         f.attrs["complete_generations"] = 0
         gen = f.create_group("generations")
         n = config.population
@@ -201,6 +224,9 @@ class RunWriter:
             gen.create_dataset(name, shape=(0, *width), maxshape=(None, *width), dtype=dtype,
                                chunks=(64, *width))
         f.create_group("checkpoints")
+        ev = f.create_group("eval")
+        for name, dtype in EVAL_FIELDS.items():
+            ev.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(64,))
         f.flush()
         return cls(f)
 
@@ -212,6 +238,11 @@ class RunWriter:
         for ds in f["generations"].values():
             if ds.shape[0] > complete:
                 ds.resize(complete, axis=0)
+        if "eval" in f:
+            gens = f["eval/generation"][...]
+            kept = int(np.searchsorted(gens, complete, side="right"))
+            for ds in f["eval"].values():
+                ds.resize(kept, axis=0)
         keep = set(_checkpoint_generations(f, complete))
         for name in list(f["checkpoints"]):
             group = f["checkpoints"][name]
@@ -244,6 +275,15 @@ class RunWriter:
             ds = gen[name]
             ds.resize(generation + 1, axis=0)
             ds[generation] = row[name]
+
+    def append_eval(self, row: dict[str, float | int]) -> None:
+        """A held-out evaluation; like a generation row it counts once committed."""
+        ev = self.f["eval"]
+        n = ev["generation"].shape[0]
+        for name in EVAL_FIELDS:
+            ds = ev[name]
+            ds.resize(n + 1, axis=0)
+            ds[n] = row[name]
 
     def set_field(self, generation: int, name: str, value: float) -> None:
         self.f["generations"][name][generation] = value

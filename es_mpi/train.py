@@ -11,6 +11,8 @@ Rank 0 then appends the generation to the run file and commits it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -23,7 +25,9 @@ from es_mpi.config import Config
 from es_mpi.dist import Dist, select_devices
 from es_mpi.errors import EsError
 from es_mpi.es import Replica, checksum
+from es_mpi.evaluate import EvalResult, eval_examples, evaluate
 from es_mpi.noise import derive_seed, member_seeds
+from es_mpi.rewards import score
 from es_mpi.shaping import shape
 from tasks import Task, get_task
 
@@ -67,14 +71,22 @@ class Session:
 
 
 def check_task(cfg: Config) -> tuple[Task, list]:
-    task = get_task(cfg.task)
+    task = get_task(cfg.task, data=cfg.task_data or None, reward=cfg.reward or None)
     train = task.train_examples()
     if not train:
         raise EsError(f"task {cfg.task} has no training examples")
+    if cfg.eval_every and not task.eval_examples():
+        raise EsError(f"--eval-every {cfg.eval_every}: task {cfg.task} has no held-out examples")
     if cfg.batch_size > len(train):
         raise EsError(f"batch_size {cfg.batch_size} exceeds the {len(train)} training examples "
                       f"of task {cfg.task}; use at most {len(train)} (0 = all)")
     return task, train
+
+
+def examples_fingerprint(examples: list) -> str:
+    """Hex digest of the training examples, so a resumed run scores the same prompts."""
+    text = json.dumps(examples, sort_keys=True, default=str).encode()
+    return hashlib.blake2b(text, digest_size=8).hexdigest()
 
 
 def n_prompts(cfg: Config, train: list) -> int:
@@ -111,21 +123,11 @@ def evaluate_members(s: Session, members: list[int], seeds_n: np.ndarray, signs_
             texts, tokens = hf.generate(s.model, s.tokenizer, batch, s.cfg.max_new_tokens)
         finally:
             s.replica.restore()
-        rewards = []
-        for text, example in zip(texts, examples, strict=True):
-            try:
-                r = float(s.task.reward(text, example))
-            except Exception as exc:  # noqa: BLE001  (user code: report it, never update on it)
-                s.error = (f"task {s.cfg.task}: reward raised {type(exc).__name__}: {exc} "
-                           f"(member {i}, rank {s.dist.rank}); fix the reward function")
-                rows[k]["status"] = 1
-                return rows
-            if not np.isfinite(r):
-                s.error = (f"task {s.cfg.task}: reward returned {r} for member {i} (rank "
-                           f"{s.dist.rank}); rewards must be finite numbers")
-                rows[k]["status"] = 1
-                return rows
-            rewards.append(r)
+        rewards, s.error = score(s.task, texts, examples, s.cfg.reward_timeout,
+                                 f"member {i}, rank {s.dist.rank}")
+        if s.error:
+            rows[k]["status"] = 1
+            return rows
         rows[k]["reward"] = float(np.mean(rewards))
         rows[k]["tokens"] = sum(tokens)
         rows[k]["seconds"] = time.perf_counter() - t0
@@ -227,13 +229,36 @@ def progress_line(s: Session, t: int, row: dict) -> str:
             f"{row['time_total']:.1f}s  ETA {eta}")
 
 
+def held_out(s: Session, writer: runfile.RunWriter | None, generation: int) -> EvalResult:
+    """Evaluate the current weights on the held-out split; rank 0 records it (uncommitted)."""
+    result = evaluate(s, eval_examples(s.task, s.cfg.eval_limit), s.cfg.eval_batch_size)
+    if writer is not None:
+        writer.append_eval({"generation": generation, "mean_reward": result.mean_reward,
+                            "accuracy": result.accuracy, "n_examples": result.n,
+                            "seconds": result.seconds})
+    return result
+
+
 def train_loop(s: Session, writer: runfile.RunWriter | None, start: int) -> None:
+    every = s.cfg.eval_every
+    if every and start == 0:
+        result = held_out(s, writer, 0)
+        if writer is not None:
+            writer.f.flush()
+        s.dist.print0(f"gen 0: held-out {result.summary()}")
     for t in range(start, s.cfg.generations):
         t_start = time.perf_counter()
         row = run_generation(s, t)
+        done = t + 1
+        result = None
+        if every and (done % every == 0 or done == s.cfg.generations):
+            result = held_out(s, writer, done)
         if s.dist.is_root:
             write_generation(s, writer, t, row, t_start)
-            s.dist.print0(progress_line(s, t, row))
+            line = progress_line(s, t, row)
+            if result is not None:
+                line += f"  | held-out {result.summary()}"
+            s.dist.print0(line)
 
 
 # -- rebuilding weights from a run file --------------------------------------------------
@@ -248,6 +273,10 @@ def rebuild(s: Session, path: str, info: runfile.RunInfo, upto: int) -> None:
         raise EsError(f"model {s.cfg.model} (weights fingerprint {s.fingerprint}) is not the "
                       f"base model of run file {path} ({info.model_path}, fingerprint "
                       f"{info.model_fingerprint}); pass the original model directory with --model")
+    if info.task_fingerprint and info.task_fingerprint != examples_fingerprint(s.train):
+        raise EsError(f"task {s.cfg.task}: the training examples differ from those run file "
+                      f"{path} was made with (task data or task code changed?); use the "
+                      "original examples")
     usable = [c for c in info.checkpoints if c <= upto]
     start = 0
     if usable:

@@ -1,36 +1,49 @@
-"""Conciseness: short questions with short reference answers.
+"""Conciseness (the paper's first experiment): answer as briefly as a short reference.
 
-Reward = -|len(completion) - len(reference)| in characters (after stripping whitespace),
-so 0 is best. The model learns to answer as briefly as the reference.
+Reward = -|len(completion) - len(answer)| in characters, after stripping surrounding
+whitespace from the completion (0 is best). Training prompts default to the paper's two;
+the held-out prompts are other short-answer questions, never trained on. A JSON/JSONL
+file of {"prompt": ..., "answer": ...} objects replaces both (see tasks/data.py).
 """
 
 from __future__ import annotations
 
 from tasks.base import Example, Task
+from tasks.data import load_examples, require
 
-TRAIN = [
-    {"prompt": "What is the capital of France? Answer in one word.", "answer": "Paris"},
-    {"prompt": "What is 7 times 8?", "answer": "56"},
-    {"prompt": "Which planet is the largest in the solar system?", "answer": "Jupiter"},
-    {"prompt": "What color is a clear daytime sky?", "answer": "Blue"},
+PAPER_PROMPTS = [
+    {"prompt": "Solve: 3 + 5 =", "answer": "8"},
+    {"prompt": "If all birds can fly and penguins are birds, can penguins fly?", "answer": "No"},
 ]
 
-EVAL = [
+HELD_OUT = [
     {"prompt": "What is the capital of Italy?", "answer": "Rome"},
     {"prompt": "What is 9 plus 6?", "answer": "15"},
     {"prompt": "Which animal is known as the king of the jungle?", "answer": "Lion"},
     {"prompt": "What is the chemical symbol for gold?", "answer": "Au"},
+    {"prompt": "How many days are in a week?", "answer": "7"},
+    {"prompt": "Is the sun a star? Answer yes or no.", "answer": "Yes"},
 ]
+
+
+def check_example(example: Example) -> str | None:
+    return require(example, "prompt", str) or require(example, "answer", str)
 
 
 class Conciseness(Task):
     name = "conciseness"
 
+    def __init__(self, data: str | None = None):
+        if data:
+            self.train, self.held_out = load_examples(data, check_example)
+        else:
+            self.train, self.held_out = list(PAPER_PROMPTS), list(HELD_OUT)
+
     def train_examples(self) -> list[Example]:
-        return list(TRAIN)
+        return self.train
 
     def eval_examples(self) -> list[Example]:
-        return list(EVAL)
+        return self.held_out
 
     def reward(self, completion: str, example: Example) -> float:
         return -float(abs(len(completion.strip()) - len(example["answer"])))

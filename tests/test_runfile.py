@@ -20,7 +20,7 @@ def _row(n, b, g):
 
 def _write(path, generations=3, population=4):
     cfg = Config(model="m", population=population, generations=generations)
-    w = runfile.RunWriter.create(path, cfg, "m", "abcd", n_prompts=2)
+    w = runfile.RunWriter.create(path, cfg, "m", "abcd", "ef01", n_prompts=2)
     for g in range(generations):
         w.append_generation(g, _row(population, 2, g))
         w.commit(g)
@@ -114,7 +114,7 @@ def test_create_refuses_existing_file_and_missing_dir(tmp_path):
     path = tmp_path / "run.h5"
     _write(path).close()
     with pytest.raises(EsError, match="already exists"):
-        runfile.RunWriter.create(path, Config(model="m"), "m", "x", 1)
+        runfile.RunWriter.create(path, Config(model="m"), "m", "x", "y", 1)
     with pytest.raises(EsError, match="does not exist"):
         runfile.check_writable(tmp_path / "no" / "run.h5")
 

@@ -1,0 +1,69 @@
+"""Calling a task's reward code safely: every failure becomes one named error message.
+
+Policy (documented in the README): a reward that raises, returns something that is not a
+finite real number, or runs past --reward-timeout stops the run with an error naming the
+task, the member or example and the rank; the generation is not written, so no update is
+ever made from a bad reward.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tasks import Example, Task
+
+
+class RewardTimeout(Exception):
+    pass
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise RewardTimeout in the main thread after `seconds` (0: no limit).
+
+    SIGALRM interrupts Python code; a reward stuck inside one C call is interrupted only
+    when that call returns.
+    """
+    if not seconds:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise RewardTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def score(task: Task, completions: list[str], examples: list[Example], timeout: float,
+          where: str) -> tuple[list[float] | None, str | None]:
+    """(rewards, None) or (None, error message) for a batch of completions."""
+    try:
+        with deadline(timeout):
+            values = list(task.rewards(completions, examples))
+    except RewardTimeout:
+        return None, (f"task {task.name}: reward took longer than --reward-timeout {timeout:g} s "
+                      f"({where}); make it faster or raise the limit")
+    except Exception as exc:  # noqa: BLE001  (user code: report it, never update on it)
+        return None, (f"task {task.name}: reward raised {type(exc).__name__}: {exc} ({where}); "
+                      "fix the reward function")
+    if len(values) != len(completions):
+        return None, (f"task {task.name}: rewards() returned {len(values)} values for "
+                      f"{len(completions)} completions ({where})")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return None, (f"task {task.name}: reward returned {value!r} "
+                          f"({type(value).__name__}) ({where}); rewards must be finite numbers")
+        if not math.isfinite(value):
+            return None, (f"task {task.name}: reward returned {value} ({where}); "
+                          "rewards must be finite numbers")
+    return [float(v) for v in values], None

@@ -1,0 +1,78 @@
+"""Loading task examples from JSON / JSONL files, with one-line errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from es_mpi.errors import EsError
+
+Example = dict[str, Any]
+
+
+def load_examples(path: str | Path, check: Callable[[Example], str | None],
+                  ) -> tuple[list[Example], list[Example]]:
+    """(train, eval) examples from a .jsonl (one object per line) or .json (a list) file.
+
+    `check(example)` returns None or what is wrong with the example. Objects may carry
+    "split": "train" | "eval"; without any split field, the last 20% (at least one) are
+    the eval split, so the same file always splits the same way.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EsError(f"task data {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EsError(f"task data {path} cannot be read: {exc}") from None
+    records: list[tuple[str, Any]] = []
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise EsError(f"task data {path}: invalid JSON at line {exc.lineno}: {exc.msg}"
+                          ) from None
+        if not isinstance(data, list):
+            raise EsError(f"task data {path}: expected a JSON list of objects")
+        records = [(f"record {i + 1}", obj) for i, obj in enumerate(data)]
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"line {lineno}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise EsError(f"task data {path}: line {lineno} is not valid JSON ({exc.msg})"
+                              ) from None
+    if not records:
+        raise EsError(f"task data {path} holds no examples")
+    examples = []
+    for where, obj in records:
+        problem = "not a JSON object" if not isinstance(obj, dict) else check(obj)
+        if not problem and obj.get("split", "train") not in ("train", "eval"):
+            problem = f"split must be 'train' or 'eval', not {obj['split']!r}"
+        if problem:
+            raise EsError(f"task data {path}: {where}: {problem}")
+        examples.append(obj)
+    if any("split" in e for e in examples):
+        train = [e for e in examples if e.get("split", "train") == "train"]
+        held_out = [e for e in examples if e.get("split") == "eval"]
+    else:
+        n_eval = max(1, len(examples) // 5) if len(examples) > 1 else 0
+        train, held_out = examples[:len(examples) - n_eval], examples[len(examples) - n_eval:]
+    if not train:
+        raise EsError(f"task data {path} has no training examples")
+    return train, held_out
+
+
+def require(example: Example, field: str, kind: type | tuple[type, ...]) -> str | None:
+    """None if example[field] exists with the given type, else what is wrong."""
+    if field not in example:
+        return f"missing field {field!r}"
+    value = example[field]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        return f"field {field!r} must be {names}, not {type(value).__name__}"
+    return None
