@@ -9,10 +9,16 @@
 from __future__ import annotations
 
 from es_mpi.errors import EsError
+from tasks.arithmetic import Arithmetic
 from tasks.base import Example, Task
 from tasks.conciseness import Conciseness
+from tasks.countdown import Countdown
 
-TASKS: dict[str, type[Task]] = {"conciseness": Conciseness}
+TASKS: dict[str, type[Task]] = {
+    "arithmetic": Arithmetic,
+    "conciseness": Conciseness,
+    "countdown": Countdown,
+}
 
 
 def get_task(name: str, data: str | None = None, reward: str | None = None) -> Task:

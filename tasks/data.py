@@ -21,6 +21,8 @@ def load_examples(path: str | Path, check: Callable[[Example], str | None],
     the eval split, so the same file always splits the same way.
     """
     path = Path(path)
+    if path.suffix not in (".json", ".jsonl"):
+        raise EsError(f"task data {path}: expected a .jsonl or .json file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -38,7 +40,8 @@ def load_examples(path: str | Path, check: Callable[[Example], str | None],
             raise EsError(f"task data {path}: expected a JSON list of objects")
         records = [(f"record {i + 1}", obj) for i, obj in enumerate(data)]
     else:
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # split on newlines only: U+2028 may stand raw inside a JSON string
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
