@@ -198,6 +198,7 @@ def inspect_summary(path: str) -> dict:
     info = runfile.read_info(path)
     rows = runfile.read_generations(path, fields=("reward_mean", "reward_min", "reward_max",
                                                   "time_total", "world_size"))
+    evals = runfile.read_evals(path)
     done = info.complete_generations
     last = [{"generation": g, "reward_mean": float(rows["reward_mean"][g]),
              "reward_min": float(rows["reward_min"][g]),
@@ -217,6 +218,10 @@ def inspect_summary(path: str) -> dict:
         "world_sizes": sorted({int(w) for w in rows["world_size"]}),
         "seconds_total": float(np.sum(rows["time_total"])),
         "last_generations": last,
+        "evals": [{"generation": int(g), "mean_reward": float(m),
+                   "accuracy": None if np.isnan(a) else float(a), "n_examples": int(n)}
+                  for g, m, a, n in zip(evals["generation"], evals["mean_reward"],
+                                        evals["accuracy"], evals["n_examples"], strict=True)],
     }
 
 
@@ -240,3 +245,7 @@ def inspect(path: str, as_json: bool, dist: Dist) -> None:
     for g in info["last_generations"]:
         print(f"  gen {g['generation'] + 1}: reward mean {g['reward_mean']:.4g} "
               f"min {g['reward_min']:.4g} max {g['reward_max']:.4g}")
+    for e in info["evals"]:
+        acc = "" if e["accuracy"] is None else f", accuracy {e['accuracy']:.3f}"
+        print(f"held-out     after {e['generation']} generations: mean reward "
+              f"{e['mean_reward']:.4g}{acc} ({e['n_examples']} examples)")

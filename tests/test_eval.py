@@ -51,6 +51,9 @@ def test_eval_every_records_held_out_scores(run_with_evals):
         assert np.isnan(f["eval/accuracy"][:]).all()
         recorded = f["eval/mean_reward"][:]
     assert eval_json(f"{path}@4")["mean_reward"] == pytest.approx(recorded[2], abs=0)
+    info = json.loads(run_cli(["inspect", path, "--json"]).stdout)
+    assert [e["generation"] for e in info["evals"]] == [0, 2, 4]
+    assert info["evals"][2]["mean_reward"] == recorded[2]
     assert eval_json(f"{path}@2", np=2)["mean_reward"] == pytest.approx(recorded[1], abs=0)
 
 
