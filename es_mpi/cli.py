@@ -46,12 +46,16 @@ def _run(body: Callable) -> None:
     except EsError as exc:
         click.echo(f"es-mpi: error: {exc}", err=True)
         sys.exit(2)
+    from es_mpi.stop import EXIT_STOPPED, Stopped
+
     try:
         run_guarded(dist, lambda: body(dist))
     except EsError as exc:
         if dist.is_root:
             click.echo(f"es-mpi: error: {exc}", err=True)
         sys.exit(2)
+    except Stopped:
+        sys.exit(EXIT_STOPPED)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

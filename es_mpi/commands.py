@@ -14,6 +14,7 @@ from es_mpi.config import Config
 from es_mpi.dist import Dist, set_threads
 from es_mpi.errors import EsError
 from es_mpi.evaluate import eval_examples, evaluate
+from es_mpi.stop import Stopped
 from es_mpi.train import (
     check_task,
     examples_fingerprint,
@@ -66,12 +67,7 @@ def train(cfg: Config, dist: Dist) -> None:
         n_prompts(cfg, train_examples)))
     dist.print0(f"es-mpi: {cfg.population} members x {n_prompts(cfg, train_examples)} prompts, "
                 f"{dist.size} rank(s), task {cfg.task}, mode {cfg.mode}; run file {cfg.run}")
-    try:
-        train_loop(s, writer, 0)
-    finally:
-        if writer is not None:
-            writer.close()
-    _print_done(cfg, dist)
+    _run_loop(cfg, dist, s, writer, 0)
 
 
 def resume(path: str, generations: int | None, model: str | None, dist: Dist) -> None:
@@ -110,8 +106,18 @@ def _continue(cfg: Config, info: runfile.RunInfo, dist: Dist) -> None:
     writer = dist.root_first(reopen)
     dist.print0(f"es-mpi: resuming {cfg.run} at generation {done} of {cfg.generations} "
                 f"on {dist.size} rank(s)")
+    _run_loop(cfg, dist, s, writer, done)
+
+
+def _run_loop(cfg: Config, dist: Dist, s, writer: runfile.RunWriter | None, start: int) -> None:
+    s.stop.install()
     try:
-        train_loop(s, writer, done)
+        train_loop(s, writer, start)
+    except Stopped as stopped:
+        dist.print0(f"es-mpi: {stopped}; the run file has a checkpoint of generation "
+                    f"{stopped.complete}. Continue with: es-mpi resume {cfg.run} "
+                    "(or run the same command again)")
+        raise
     finally:
         if writer is not None:
             writer.close()

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from es_mpi.errors import EsError
+from es_mpi.stop import Stopped
 
 T = TypeVar("T")
 
@@ -137,7 +138,7 @@ def run_guarded(dist: Dist, fn: Callable[[], T]) -> T:
     """Run fn; a bug (not an EsError) on any rank prints its traceback and aborts the job."""
     try:
         return fn()
-    except (EsError, KeyboardInterrupt, SystemExit):
+    except (EsError, KeyboardInterrupt, SystemExit, Stopped):
         raise
     except Exception:
         sys.stderr.write(f"es-mpi: rank {dist.rank}: unexpected error\n")

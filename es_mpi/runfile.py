@@ -116,6 +116,11 @@ def _checkpoint_generations(f: h5py.File, limit: int) -> list[int]:
     return sorted(gens)
 
 
+def checkpoint_list(f: h5py.File) -> list[int]:
+    """Generations with a complete checkpoint in an open run file (committed or not)."""
+    return _checkpoint_generations(f, 2**62)
+
+
 def read_info(path: str | Path) -> RunInfo:
     """Header and progress of a run file; raises EsError for anything not a valid run file."""
     with _open(path, "r") as f:

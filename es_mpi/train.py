@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -29,10 +30,12 @@ from es_mpi.evaluate import EvalResult, eval_examples, evaluate
 from es_mpi.noise import derive_seed, member_seeds
 from es_mpi.rewards import score
 from es_mpi.shaping import shape
+from es_mpi.stop import StopFlag, Stopped
 from tasks import Task, get_task
 
 ROW_DTYPE = np.dtype([("member", "i8"), ("seed", "i8"), ("reward", "f8"), ("tokens", "i8"),
                       ("seconds", "f8"), ("rank", "i4"), ("status", "i4")])
+OK, REWARD_ERROR, SKIPPED = 0, 1, 2  # row status: SKIPPED = not evaluated (stop requested)
 
 
 def members_of(rank: int, world: int, population: int) -> list[int]:
@@ -64,6 +67,7 @@ class Session:
     base: dict[str, torch.Tensor] | None = None   # theta_0 (rank 0: checkpoints; decay_to=init)
     seconds: list[float] = field(default_factory=list)
     error: str | None = None   # this rank's reward failure in the current generation
+    stop: StopFlag = field(default_factory=StopFlag)
 
     @property
     def anchor(self):
@@ -115,8 +119,11 @@ def evaluate_members(s: Session, members: list[int], seeds_n: np.ndarray, signs_
                      examples: list, batch: dict) -> np.ndarray:
     """Full mode: perturb in place, generate greedily for the batch, score, restore."""
     rows = np.zeros(len(members), dtype=ROW_DTYPE)
+    rows["member"], rows["seed"], rows["rank"] = members, seeds_n[members], s.dist.rank
     for k, i in enumerate(members):
-        rows[k]["member"], rows[k]["seed"], rows[k]["rank"] = i, seeds_n[i], s.dist.rank
+        if s.stop.requested:  # abandon the generation: every rank sees SKIPPED rows
+            rows["status"][k:] = SKIPPED
+            return rows
         t0 = time.perf_counter()
         s.replica.perturb(int(seeds_n[i]), int(signs_n[i]), s.cfg.sigma)
         try:
@@ -126,7 +133,7 @@ def evaluate_members(s: Session, members: list[int], seeds_n: np.ndarray, signs_
         rewards, s.error = score(s.task, texts, examples, s.cfg.reward_timeout,
                                  f"member {i}, rank {s.dist.rank}")
         if s.error:
-            rows[k]["status"] = 1
+            rows[k]["status"] = REWARD_ERROR
             return rows
         rows[k]["reward"] = float(np.mean(rewards))
         rows[k]["tokens"] = sum(tokens)
@@ -134,8 +141,11 @@ def evaluate_members(s: Session, members: list[int], seeds_n: np.ndarray, signs_
     return rows
 
 
-def run_generation(s: Session, t: int) -> dict:
-    """Evaluate, gather, shape and update; returns the generation's run-file row."""
+def run_generation(s: Session, t: int) -> tuple[dict, int]:
+    """Evaluate, gather, shape and update: (the generation's run-file row, stop signal).
+
+    Raises Stopped (on every rank) if the generation was abandoned for a stop signal.
+    """
     cfg, dist = s.cfg, s.dist
     n = cfg.population
     t_start = time.perf_counter()
@@ -153,8 +163,10 @@ def run_generation(s: Session, t: int) -> dict:
     counts = [len(members_of(r, dist.size, n)) for r in range(dist.size)]
     rows = dist.allgather_rows(local, counts)
     rows = rows[np.argsort(rows["member"], kind="stable")]
-    if (rows["status"] != 0).any():
+    if (rows["status"] == REWARD_ERROR).any():
         dist.agree(s.error)  # every rank raises the failing rank's message
+    if (rows["status"] == SKIPPED).any():
+        raise Stopped(_agreed_signal(dist, s.stop.signum), t)
     if not np.array_equal(rows["member"], np.arange(n)) or not np.array_equal(rows["seed"],
                                                                                 seeds_n):
         raise RuntimeError(f"generation {t}: gathered rows do not match the member seeds")
@@ -165,12 +177,15 @@ def run_generation(s: Session, t: int) -> dict:
     s.replica.update(seeds_n, signs_n, z_n, cfg.lr, cfg.weight_decay, s.anchor)
     t_update = time.perf_counter()
 
+    # the second collective: weight checksums when due, and any rank's stop signal
+    check_due = (t + 1) % cfg.checksum_every == 0
     check = 0
-    if dist.is_root or (t + 1) % cfg.checksum_every == 0:
+    if dist.is_root or check_due:
         check = s.replica.checksum()
-    if (t + 1) % cfg.checksum_every == 0 and dist.size > 1:
-        sums = dist.allgather(check)
-        bad = [r for r, c in enumerate(sums) if c != sums[0]]
+    status = dist.allgather((check if check_due else 0, s.stop.signum))
+    stop = next((sig for _, sig in status if sig), 0)
+    if check_due:
+        bad = [r for r, (c, _) in enumerate(status) if c != status[0][0]]
         if bad:
             raise EsError(f"replicas diverged after generation {t}: weight checksum of rank(s) "
                           f"{', '.join(map(str, bad))} differs from rank 0; stop and resume "
@@ -185,7 +200,12 @@ def run_generation(s: Session, t: int) -> dict:
         "world_size": dist.size, "time_eval": t_eval - t_start, "time_gather": t_gather - t_eval,
         "time_update": t_update - t_gather, "time_checksum": t_check - t_update,
         "time_io": 0.0, "time_total": 0.0, "timestamp": 0.0,
-    }
+    }, stop
+
+
+def _agreed_signal(dist: Dist, signum: int) -> int:
+    """The stop signal some rank got (collective; every rank calls it together)."""
+    return next((sig for sig in dist.allgather(signum) if sig), signal.SIGTERM)
 
 
 def write_generation(s: Session, writer: runfile.RunWriter, t: int, row: dict,
@@ -240,6 +260,18 @@ def held_out(s: Session, writer: runfile.RunWriter | None, generation: int) -> E
 
 
 def train_loop(s: Session, writer: runfile.RunWriter | None, start: int) -> None:
+    """Generations start..G-1. On a stop signal: checkpoint, then Stopped on every rank."""
+    try:
+        _generations(s, writer, start)
+    except Stopped as stopped:
+        if writer is not None and stopped.complete > 0:
+            if stopped.complete not in runfile.checkpoint_list(writer.f):
+                write_checkpoint(s, writer, stopped.complete, s.replica.checksum())
+            writer.f.flush()
+        raise
+
+
+def _generations(s: Session, writer: runfile.RunWriter | None, start: int) -> None:
     every = s.cfg.eval_every
     if every and start == 0:
         result = held_out(s, writer, 0)
@@ -248,10 +280,10 @@ def train_loop(s: Session, writer: runfile.RunWriter | None, start: int) -> None
         s.dist.print0(f"gen 0: held-out {result.summary()}")
     for t in range(start, s.cfg.generations):
         t_start = time.perf_counter()
-        row = run_generation(s, t)
+        row, stop = run_generation(s, t)
         done = t + 1
         result = None
-        if every and (done % every == 0 or done == s.cfg.generations):
+        if not stop and every and (done % every == 0 or done == s.cfg.generations):
             result = held_out(s, writer, done)
         if s.dist.is_root:
             write_generation(s, writer, t, row, t_start)
@@ -259,6 +291,8 @@ def train_loop(s: Session, writer: runfile.RunWriter | None, start: int) -> None
             if result is not None:
                 line += f"  | held-out {result.summary()}"
             s.dist.print0(line)
+        if stop:
+            raise Stopped(stop, done)
 
 
 # -- rebuilding weights from a run file --------------------------------------------------
