@@ -25,9 +25,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from es_mpi.errors import EsError
 from tasks.base import Example, Task
-from tasks.data import load_examples, require
+from tasks.data import generated_or_loaded, require
 
 FORMAT_WEIGHT = 0.1
 MAX_BOXED_CHARS = 200  # a \boxed{ with no '}' this close is not an answer box
@@ -293,14 +292,8 @@ class Arithmetic(Task):
     def __init__(
         self, data: str | None = None, n_train: int = 256, n_eval: int = 128, seed: int = 0
     ) -> None:
-        if data is not None:
-            train, evals = load_examples(data, check_example)
-            self._train, self._eval = list(map(from_record, train)), list(map(from_record, evals))
-            return
-        if n_train < 1 or n_eval < 1:
-            raise EsError(f"arithmetic: n_train and n_eval must be >= 1 (got {n_train}, {n_eval})")
-        examples = generate(n_eval + n_train, seed)
-        self._eval, self._train = examples[:n_eval], examples[n_eval:]
+        self._train, self._eval = generated_or_loaded(
+            self.name, data, check_example, from_record, generate, n_train, n_eval, seed)
 
     def train_examples(self) -> list[Example]:
         return list(self._train)

@@ -79,3 +79,21 @@ def require(example: Example, field: str, kind: type | tuple[type, ...]) -> str 
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         return f"field {field!r} must be {names}, not {type(value).__name__}"
     return None
+
+
+def generated_or_loaded(name: str, data: str | None, check: Callable[[Example], str | None],
+                        from_record: Callable[[Example], Example],
+                        generate: Callable[[int, int], list[Example]], n_train: int,
+                        n_eval: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, eval) of a procedural task: loaded from `data`, else generated from `seed`.
+
+    Generated: eval is the first `n_eval` examples of the seed's sequence and train the
+    next `n_train`, so the eval set stays the same when only `n_train` changes.
+    """
+    if data is not None:
+        train, held_out = load_examples(data, check)
+        return list(map(from_record, train)), list(map(from_record, held_out))
+    if n_train < 1 or n_eval < 1:
+        raise EsError(f"{name}: n_train and n_eval must be >= 1 (got {n_train}, {n_eval})")
+    examples = generate(n_eval + n_train, seed)
+    return examples[n_eval:], examples[:n_eval]
