@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks.base import Example, Task
-from tasks.data import generated_or_loaded, require
+from tasks.data import ProceduralTask, require
 
 FORMAT_WEIGHT = 0.1
 MAX_BOXED_CHARS = 200  # a \boxed{ with no '}' this close is not an answer box
@@ -278,28 +278,14 @@ def from_record(record: Example) -> Example:
     return {field: record[field] for field in ("question", "prompt", "answer") if field in record}
 
 
-class Arithmetic(Task):
-    """Word problems from a seed (`data=None`) or a .json/.jsonl file of examples.
-
-    Generated: eval is the first `n_eval` problems of the seed's sequence and train the
-    next `n_train`. Loaded: the file's split decides (tasks.data.load_examples) and
-    `n_train`/`n_eval`/`seed` are not used.
-    """
+class Arithmetic(ProceduralTask, Task):
+    """Word problems from a seed (`data=None`) or a .json/.jsonl file of examples."""
 
     name = "arithmetic"
     solved_reward = 1.0
-
-    def __init__(
-        self, data: str | None = None, n_train: int = 256, n_eval: int = 128, seed: int = 0
-    ) -> None:
-        self._train, self._eval = generated_or_loaded(
-            self.name, data, check_example, from_record, generate, n_train, n_eval, seed)
-
-    def train_examples(self) -> list[Example]:
-        return list(self._train)
-
-    def eval_examples(self) -> list[Example]:
-        return list(self._eval)
+    check_example = staticmethod(check_example)
+    from_record = staticmethod(from_record)
+    generate = staticmethod(generate)
 
     def user_text(self, example: Example) -> str:
         if "question" in example:

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from fractions import Fraction
 
 from tasks.base import Example, Task
-from tasks.data import generated_or_loaded, require
+from tasks.data import ProceduralTask, require
 
 FORMAT_WEIGHT = 0.1
 SOLVED_SCORE = 1.0 + FORMAT_WEIGHT  # what a correct, well-formatted answer scores
@@ -331,29 +331,14 @@ def from_record(record: Example) -> Example:
 # Task
 
 
-class Countdown(Task):
-    """Countdown from a seed (`data=None`) or a .json/.jsonl file of examples.
-
-    Generated: eval is the first `n_eval` examples of the seed's sequence and train the
-    next `n_train`, so the eval set stays the same when only `n_train` changes. Loaded:
-    the file's split decides (tasks.data.load_examples) and `n_train`/`n_eval`/`seed` are
-    not used.
-    """
+class Countdown(ProceduralTask, Task):
+    """Countdown from a seed (`data=None`) or a .json/.jsonl file of examples."""
 
     name = "countdown"
     solved_reward = 1.0
-
-    def __init__(
-        self, data: str | None = None, n_train: int = 256, n_eval: int = 128, seed: int = 0
-    ) -> None:
-        self._train, self._eval = generated_or_loaded(
-            self.name, data, check_example, from_record, generate, n_train, n_eval, seed)
-
-    def train_examples(self) -> list[Example]:
-        return list(self._train)
-
-    def eval_examples(self) -> list[Example]:
-        return list(self._eval)
+    check_example = staticmethod(check_example)
+    from_record = staticmethod(from_record)
+    generate = staticmethod(generate)
 
     def user_text(self, example: Example) -> str:
         return (

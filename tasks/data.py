@@ -81,19 +81,36 @@ def require(example: Example, field: str, kind: type | tuple[type, ...]) -> str 
     return None
 
 
-def generated_or_loaded(name: str, data: str | None, check: Callable[[Example], str | None],
-                        from_record: Callable[[Example], Example],
-                        generate: Callable[[int, int], list[Example]], n_train: int,
-                        n_eval: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, eval) of a procedural task: loaded from `data`, else generated from `seed`.
+
+class ProceduralTask:
+    """Mixin for a Task whose examples are generated from a seed or loaded from a file.
 
     Generated: eval is the first `n_eval` examples of the seed's sequence and train the
-    next `n_train`, so the eval set stays the same when only `n_train` changes.
+    next `n_train`, so the eval set stays the same when only `n_train` changes. Loaded
+    (`data` = a .json/.jsonl path): the file's split decides and `n_train`, `n_eval` and
+    `seed` are not used. Subclasses set `check_example`, `from_record` and `generate`.
     """
-    if data is not None:
-        train, held_out = load_examples(data, check)
-        return list(map(from_record, train)), list(map(from_record, held_out))
-    if n_train < 1 or n_eval < 1:
-        raise EsError(f"{name}: n_train and n_eval must be >= 1 (got {n_train}, {n_eval})")
-    examples = generate(n_eval + n_train, seed)
-    return examples[n_eval:], examples[:n_eval]
+
+    name: str
+    check_example: Callable[[Example], str | None]
+    from_record: Callable[[Example], Example]
+    generate: Callable[[int, int], list[Example]]
+
+    def __init__(self, data: str | None = None, n_train: int = 256, n_eval: int = 128,
+                 seed: int = 0) -> None:
+        if data is not None:
+            train, held_out = load_examples(data, self.check_example)
+            self._train = list(map(self.from_record, train))
+            self._eval = list(map(self.from_record, held_out))
+            return
+        if n_train < 1 or n_eval < 1:
+            raise EsError(f"{self.name}: n_train and n_eval must be >= 1 "
+                          f"(got {n_train}, {n_eval})")
+        examples = self.generate(n_eval + n_train, seed)
+        self._eval, self._train = examples[:n_eval], examples[n_eval:]
+
+    def train_examples(self) -> list[Example]:
+        return list(self._train)
+
+    def eval_examples(self) -> list[Example]:
+        return list(self._eval)
