@@ -5,7 +5,8 @@ a rank skips the members it has not evaluated yet (the generation is then abando
 every rank: nothing written, no update), and the per-generation status allgather tells
 every rank that someone was signalled (the generation in hand is completed first). Rank 0
 then writes a checkpoint of the last complete generation and every rank exits with
-EXIT_STOPPED. A second signal falls back to the default action (Ctrl-C twice aborts).
+EXIT_STOPPED. Repeats of SIGUSR1/SIGTERM are ignored (under Slurm a rank can get the same
+SIGTERM twice: from slurmstepd and from mpiexec); a second SIGINT aborts (Ctrl-C twice).
 """
 
 from __future__ import annotations
@@ -37,10 +38,9 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        for sig in SIGNALS:  # a second signal takes the default action
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
-                          else signal.SIG_DFL)
+        if not self.signum:
+            self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C again: abort
 
     @property
     def requested(self) -> bool:

@@ -1,0 +1,225 @@
+"""A real Slurm: the project's job scripts submitted with sbatch to a one-node cluster.
+
+tools/slurm_cluster.sh starts munged, slurmctld and slurmd on localhost (installing
+Debian's packages if missing and this is root); the tests submit slurm/es_mpi_cpu.sbatch
+as a user would, 2 ranks under srun --mpi=pmi2, on a tiny model:
+
+- a job completes and writes its run file;
+- a job signalled mid-run (SIGUSR1 to the batch shell, as --signal=B:USR1@120 does before
+  the time limit) stops with status 75, requeues itself, resumes and ends with weights
+  bit-identical to the uninterrupted job;
+- bad input fails the job with status 2, without requeueing it.
+
+The module is skipped where Slurm cannot run (not installed and not installable, or the
+cluster does not start), unless ES_MPI_REQUIRE_SLURM=1 (CI) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+from conftest import BIN, cli_env
+from test_mpi import assert_same_trajectory, rows
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "tools" / "slurm_cluster.sh"
+JOB_SCRIPT = "slurm/es_mpi_cpu.sbatch"   # relative: submitted from the repository root
+GENERATIONS = 60
+CONFIG = f"""\
+population = 4
+max_new_tokens = 4
+sigma = 0.05
+lr = 0.05
+seed = 3
+generations = {GENERATIONS}
+"""
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+         "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+JOB_TIMEOUT = 240  # seconds for one job, requeues included (a run takes ~20-40 s here)
+
+
+def _unavailable(reason: str):
+    if os.environ.get("ES_MPI_REQUIRE_SLURM") == "1":
+        pytest.fail(f"Slurm tests required (ES_MPI_REQUIRE_SLURM=1) but {reason}")
+    pytest.skip(reason)
+
+
+def _installable() -> bool:
+    return os.geteuid() == 0 and shutil.which("apt-get") is not None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> dict[str, str]:
+    """A running one-node cluster; the environment for sbatch & co. (SLURM_CONF, PATH)."""
+    daemons = ("sbatch", "scontrol", "slurmctld", "slurmd", "munged")
+    if not all(shutil.which(d) or Path("/usr/sbin", d).exists() for d in daemons) \
+            and not _installable():
+        _unavailable("Slurm (slurmctld slurmd slurm-client munge) is not installed and "
+                     "cannot be installed here (needs root and apt-get)")
+    status = subprocess.run([CLUSTER, "status"], capture_output=True, text=True)
+    ours = status.returncode != 0  # already running: leave it running afterwards
+    start = subprocess.run([CLUSTER, "start"], capture_output=True, text=True, timeout=600)
+    if start.returncode != 0:
+        _unavailable(f"tools/slurm_cluster.sh start failed:\n{start.stdout}{start.stderr}")
+    conf = re.search(r"export SLURM_CONF=(\S+)", start.stdout)
+    assert conf, start.stdout + start.stderr
+    env = {k: v for k, v in cli_env().items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    env.update(SLURM_CONF=conf.group(1), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    yield env
+    if ours:
+        stop = subprocess.run([CLUSTER, "stop"], capture_output=True, text=True, timeout=300)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+
+
+def slurm(env, *args: str) -> str:
+    result = subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, f"{' '.join(args)}: {result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def submit(env, tmp_path: Path, run: Path, args: str = "") -> tuple[str, Path]:
+    """sbatch the CPU job script from the repo root, 2 ranks; returns (job id, its log)."""
+    config = tmp_path / "run.toml"
+    config.write_text(CONFIG)
+    job_env = dict(env, ES_MPI_CONFIG=str(config), ES_MPI_MODEL=str(env["TINY_MODEL"]),
+                   ES_MPI_RUN=str(run), ES_MPI_ARGS=args, ES_MPI_TIMEOUT="180")
+    out = slurm(job_env, "sbatch", "--parsable", "--export=ALL", "--ntasks=2",
+                "--cpus-per-task=1", f"--output={tmp_path}/slurm-%x-%j.out", JOB_SCRIPT)
+    job = out.strip().split(";")[0]
+    return job, tmp_path / f"slurm-es-mpi-cpu-{job}.out"
+
+
+def job_info(env, job: str) -> dict[str, str]:
+    text = slurm(env, "scontrol", "show", "job", "-o", job)
+    return dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
+
+
+def read(log: Path) -> str:
+    return log.read_text() if log.exists() else ""
+
+
+def old_steps_gone(job: str, seconds: float = 10) -> None:
+    """Wait until the previous run's step daemons (`slurmstepd: [J.0]`) have exited."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if subprocess.run(["pgrep", "-f", rf"^slurmstepd: \[{job}\.[0-9]+\]"],
+                          capture_output=True).returncode != 0:
+            return
+        time.sleep(0.1)
+
+
+def wait_job(env, job: str, log: Path, timeout: float = JOB_TIMEOUT) -> dict[str, str]:
+    """Poll scontrol until the job ends. A requeued job waits 120 s before it may start
+    again: once it is pending for its begin time, move that to now."""
+    end = time.monotonic() + timeout
+    bumped = 0.0
+    while True:
+        info = job_info(env, job)
+        if info["JobState"] in FINAL:
+            return info
+        if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime" \
+                and time.monotonic() - bumped > 3:
+            old_steps_gone(job)
+            time.sleep(1)  # the requeue must have settled before StartTime is changed
+            slurm(env, "scontrol", "update", f"JobId={job}", "StartTime=now")
+            bumped = time.monotonic()
+        if time.monotonic() > end:
+            subprocess.run(["scancel", job], env=env)
+            pytest.fail(f"job {job} not done after {timeout}s: {info['JobState']}\n{read(log)}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def env(cluster, tiny_model) -> dict[str, str]:
+    return dict(cluster, TINY_MODEL=str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def finished_job(env, tmp_path_factory):
+    """The uninterrupted 2-rank job: (scontrol info, log text, run file, seconds)."""
+    tmp = tmp_path_factory.mktemp("slurm_job")
+    t0 = time.monotonic()
+    job, log = submit(env, tmp, tmp / "run.h5")
+    info = wait_job(env, job, log)
+    seconds = time.monotonic() - t0
+    print(f"\n2-rank job {job}: {seconds:.1f}s from sbatch to COMPLETED", file=sys.stderr)
+    return info, read(log), tmp / "run.h5", seconds
+
+
+def test_cluster_start_is_idempotent(env):
+    again = subprocess.run([CLUSTER, "start"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "already running" in again.stderr
+    assert f"export SLURM_CONF={env['SLURM_CONF']}" in again.stdout
+    assert "idle" in slurm(env, "sinfo", "-h", "-o", "%T")
+
+
+def test_two_rank_job_completes_and_writes_its_run_file(finished_job):
+    info, text, run, _ = finished_job
+    assert info["JobState"] == "COMPLETED", text
+    assert info["ExitCode"] == "0:0", text
+    assert "2 rank(s)" in text and "SLURM_RESTART_COUNT=0" in text
+    assert "srun --mpi=pmi2" in text
+    progress = re.findall(r"^gen +(\d+)/(\d+) +reward mean", text, re.M)
+    assert [int(g) for g, _ in progress] == list(range(1, GENERATIONS + 1)), text
+    assert "es-mpi exited with status 0" in text and "run complete" in text
+    with h5py.File(run, "r") as f:
+        assert f.attrs["complete_generations"] == GENERATIONS
+    r = rows(run)
+    assert (r["world_size"] == 2).all()
+    assert r["rewards"].shape == (GENERATIONS, 4)
+
+
+def test_signalled_job_requeues_and_resumes_bit_identically(env, finished_job, tmp_path):
+    """SIGUSR1 to the batch shell mid-run (what --signal=B:USR1@120 sends before the time
+    limit): es-mpi checkpoints and exits 75, the script requeues the job, the rerun of the
+    same script resumes the run file, and the weights equal the uninterrupted run's."""
+    run = tmp_path / "run.h5"
+    job, log = submit(env, tmp_path, run)
+    end = time.monotonic() + JOB_TIMEOUT
+    while not re.search(r"^gen +2/", read(log), re.M):
+        state = job_info(env, job)["JobState"]
+        assert state not in FINAL, f"job {job} ended ({state}) before generation 2:\n{read(log)}"
+        assert time.monotonic() < end, f"no generation 2 after {JOB_TIMEOUT}s:\n{read(log)}"
+        time.sleep(0.1)
+    slurm(env, "scancel", "--signal=USR1", "--batch", job)
+    info = wait_job(env, job, log)
+    text = read(log)
+
+    assert info["JobState"] == "COMPLETED", text
+    assert info["ExitCode"] == "0:0", text
+    assert info["Restarts"] == "1", text
+    first, _, second = text.partition("SLURM_RESTART_COUNT=1")
+    assert second, f"the job never ran again:\n{text}"
+    assert "SLURM_RESTART_COUNT=0" in first and "got SIGUSR1" in first
+    stopped = re.search(r"es-mpi: stopped by SIGUSR1 after (\d+) complete generations", first)
+    assert stopped, text
+    assert 2 <= int(stopped.group(1)) < GENERATIONS, "the signal came too late to test"
+    assert "es-mpi exited with status 75" in first and f"scontrol requeue {job}" in first
+    assert "resuming" in second and "es-mpi exited with status 0" in second
+    gens = [int(g) for g in re.findall(r"^gen +(\d+)/", second, re.M)]
+    assert gens == list(range(int(stopped.group(1)) + 1, GENERATIONS + 1)), text
+
+    assert rows(run)["world_size"].tolist() == [2] * GENERATIONS
+    assert_same_trajectory(finished_job[2], run)
+
+
+def test_bad_input_fails_the_job_without_requeue(env, tmp_path):
+    job, log = submit(env, tmp_path, tmp_path / "run.h5", args="--population 1")
+    info = wait_job(env, job, log)
+    text = read(log)
+    assert info["JobState"] == "FAILED", text
+    assert info["ExitCode"] == "2:0", text
+    assert info["Restarts"] == "0", text
+    assert text.count("es-mpi: error:") >= 1 and "es-mpi exited with status 2" in text
+    assert not (tmp_path / "run.h5").exists()
