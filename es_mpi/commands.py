@@ -23,6 +23,7 @@ from es_mpi.train import (
     rebuild,
     train_loop,
 )
+from tasks import Task
 
 
 def _existing_run(cfg: Config) -> runfile.RunInfo | None:
@@ -44,30 +45,30 @@ def _existing_run(cfg: Config) -> runfile.RunInfo | None:
     return info
 
 
-def _prechecks(cfg: Config) -> list:
-    """Cheap checks on every rank before any model is loaded; the training examples."""
+def _prechecks(cfg: Config) -> tuple[Task, list]:
+    """Cheap checks on every rank before any model is loaded: (task, training examples)."""
     hf.check_model_dir(cfg.model)
-    return check_task(cfg)[1]
+    return check_task(cfg)
 
 
 def train(cfg: Config, dist: Dist) -> None:
     """Start a run, or continue the one in cfg.run if it was made with the same config."""
-    train_examples = dist.collective(lambda: _prechecks(cfg))
+    task, train_examples = dist.collective(lambda: _prechecks(cfg))
     # absolute paths: resume and export may run from another directory
     cfg = cfg.replace(model=str(Path(cfg.model).resolve()),
                       task_data=str(Path(cfg.task_data).resolve()) if cfg.task_data else "")
     info = dist.bcast(dist.root_first(lambda: _existing_run(cfg)))
     if info is not None:
-        _continue(cfg, info, dist)
+        _continue(cfg, info, task, train_examples, dist)
         return
     set_threads(dist)
-    s = dist.collective(lambda: open_session(cfg, dist))
+    s = dist.collective(lambda: open_session(cfg, dist, task, train_examples))
     writer = dist.root_first(lambda: runfile.RunWriter.create(
         cfg.run, cfg, cfg.model, s.fingerprint, examples_fingerprint(train_examples),
         n_prompts(cfg, train_examples)))
     dist.print0(f"es-mpi: {cfg.population} members x {n_prompts(cfg, train_examples)} prompts, "
                 f"{dist.size} rank(s), task {cfg.task}, mode {cfg.mode}; run file {cfg.run}")
-    _run_loop(cfg, dist, s, writer, 0)
+    _run_loop(cfg, dist, s, writer, 0, fresh=True)
 
 
 def resume(path: str, generations: int | None, model: str | None, dist: Dist) -> None:
@@ -83,18 +84,19 @@ def resume(path: str, generations: int | None, model: str | None, dist: Dist) ->
         cfg = cfg.replace(generations=generations)
     if model is not None:
         cfg = cfg.replace(model=model)
-    dist.collective(lambda: _prechecks(cfg))
-    _continue(cfg, info, dist)
+    task, train_examples = dist.collective(lambda: _prechecks(cfg))
+    _continue(cfg, info, task, train_examples, dist)
 
 
-def _continue(cfg: Config, info: runfile.RunInfo, dist: Dist) -> None:
+def _continue(cfg: Config, info: runfile.RunInfo, task: Task, train_examples: list,
+              dist: Dist) -> None:
     done = info.complete_generations
     if done >= cfg.generations:
         dist.print0(f"es-mpi: run file {cfg.run} already has {done} generations "
                     f"(target {cfg.generations}); pass --generations to go further")
         return
     set_threads(dist)
-    s = dist.collective(lambda: open_session(cfg, dist))
+    s = dist.collective(lambda: open_session(cfg, dist, task, train_examples))
     # every rank reads the file (and agrees) before rank 0 opens it for writing
     dist.collective(lambda: rebuild(s, cfg.run, info, done))
 
@@ -106,13 +108,14 @@ def _continue(cfg: Config, info: runfile.RunInfo, dist: Dist) -> None:
     writer = dist.root_first(reopen)
     dist.print0(f"es-mpi: resuming {cfg.run} at generation {done} of {cfg.generations} "
                 f"on {dist.size} rank(s)")
-    _run_loop(cfg, dist, s, writer, done)
+    _run_loop(cfg, dist, s, writer, done, fresh=False)
 
 
-def _run_loop(cfg: Config, dist: Dist, s, writer: runfile.RunWriter | None, start: int) -> None:
+def _run_loop(cfg: Config, dist: Dist, s, writer: runfile.RunWriter | None, start: int,
+              fresh: bool) -> None:
     s.stop.install()
     try:
-        train_loop(s, writer, start)
+        train_loop(s, writer, start, fresh)
     except Stopped as stopped:
         dist.print0(f"es-mpi: {stopped}; the run file has a checkpoint of generation "
                     f"{stopped.complete}. Continue with: es-mpi resume {cfg.run} "
@@ -145,11 +148,11 @@ def export(path: str, out_dir: str, generation: int | None, model: str | None,
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise EsError(f"output directory {out} exists and is not empty; choose a new one")
     cfg = info.config.replace(model=model or info.config.model, gpus_per_rank=1)
-    hf.check_model_dir(cfg.model)
+    task, train_examples = _prechecks(cfg)
     if not os.access(out.resolve().parent if not out.exists() else out, os.W_OK):
         raise EsError(f"cannot write {out}: parent directory not writable")
     set_threads(dist)
-    s = open_session(cfg, Dist.serial())
+    s = open_session(cfg, Dist.serial(), task, train_examples)
     rebuild(s, path, info, generation)
     s.model.save_pretrained(out)
     s.tokenizer.save_pretrained(out)
@@ -179,10 +182,10 @@ def evaluate_target(target: str, overrides: dict, limit: int, as_json: bool,
         if "model" in overrides:
             raise EsError("--model applies to a run file; pass the model directory as TARGET")
         cfg = Config.from_dict({"model": target, **overrides})
-    examples = dist.collective(lambda: (_prechecks(cfg),
-                                        eval_examples(check_task(cfg)[0], limit))[1])
+    task, train_examples = dist.collective(lambda: _prechecks(cfg))
+    examples = dist.collective(lambda: eval_examples(task, limit))
     set_threads(dist)
-    s = dist.collective(lambda: open_session(cfg, dist))
+    s = dist.collective(lambda: open_session(cfg, dist, task, train_examples))
     if info is not None:
         dist.collective(lambda: rebuild(s, path, info, generation))
     result = evaluate(s, examples, cfg.eval_batch_size)

@@ -97,9 +97,11 @@ def n_prompts(cfg: Config, train: list) -> int:
     return cfg.batch_size or len(train)
 
 
-def open_session(cfg: Config, dist: Dist) -> Session:
-    """Load the model on this rank's device(s) and build the fp32 master (heavy)."""
-    task, train = check_task(cfg)
+def open_session(cfg: Config, dist: Dist, task: Task, train: list) -> Session:
+    """Load the model on this rank's device(s) and build the fp32 master (heavy).
+
+    `task, train` come from check_task, run before as a cheap pre-check.
+    """
     devices = select_devices(dist, cfg.gpus_per_rank)
     model, tokenizer = hf.load_model(cfg.model, cfg.dtype, devices)
     params = hf.trainable_parameters(model)
@@ -259,10 +261,13 @@ def held_out(s: Session, writer: runfile.RunWriter | None, generation: int) -> E
     return result
 
 
-def train_loop(s: Session, writer: runfile.RunWriter | None, start: int) -> None:
-    """Generations start..G-1. On a stop signal: checkpoint, then Stopped on every rank."""
+def train_loop(s: Session, writer: runfile.RunWriter | None, start: int, fresh: bool) -> None:
+    """Generations start..G-1. On a stop signal: checkpoint, then Stopped on every rank.
+
+    `fresh`: a new run, whose base model is scored on the held-out split first.
+    """
     try:
-        _generations(s, writer, start)
+        _generations(s, writer, start, fresh)
     except Stopped as stopped:
         if writer is not None and stopped.complete > 0:
             if stopped.complete not in runfile.checkpoint_list(writer.f):
@@ -271,9 +276,10 @@ def train_loop(s: Session, writer: runfile.RunWriter | None, start: int) -> None
         raise
 
 
-def _generations(s: Session, writer: runfile.RunWriter | None, start: int) -> None:
+def _generations(s: Session, writer: runfile.RunWriter | None, start: int,
+                 fresh: bool) -> None:
     every = s.cfg.eval_every
-    if every and start == 0:
+    if every and fresh:
         result = held_out(s, writer, 0)
         if writer is not None:
             writer.f.flush()
