@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -44,7 +46,7 @@ def _run(body: Callable) -> None:
     try:
         dist = Dist()
     except EsError as exc:
-        click.echo(f"es-mpi: error: {exc}", err=True)
+        click.echo(f"es-mpi: error: {_one_line(exc)}", err=True)
         sys.exit(2)
     from es_mpi.stop import EXIT_STOPPED, Stopped
 
@@ -52,13 +54,75 @@ def _run(body: Callable) -> None:
         run_guarded(dist, lambda: body(dist))
     except EsError as exc:
         if dist.is_root:
-            click.echo(f"es-mpi: error: {exc}", err=True)
+            click.echo(f"es-mpi: error: {_one_line(exc)}", err=True)
+        if getattr(exc, "abort_job", False):
+            dist.abort(2)  # raised on rank 0 alone (a failed write): nobody else knows
         sys.exit(2)
     except Stopped:
         sys.exit(EXIT_STOPPED)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def verbosity_options(fn: Callable) -> Callable:
+    """--quiet / --verbose: how much rank 0 prints while training."""
+    fn = click.option("-v", "--verbose", is_flag=True,
+                      help="Also print each generation's phase timings and per-rank "
+                           "evaluation times.")(fn)
+    return click.option("-q", "--quiet", is_flag=True,
+                        help="Print only errors and the final summary.")(fn)
+
+
+def _configure_progress(dist, quiet: bool, verbose: bool) -> None:
+    from es_mpi import progress
+
+    if quiet and verbose:
+        raise EsError("--quiet and --verbose: choose one")
+    progress.configure(progress.QUIET if quiet else progress.VERBOSE if verbose
+                       else progress.NORMAL, root=dist.is_root)
+
+
+def _presets_epilog() -> str:
+    from es_mpi import presets
+
+    return ("Presets (--preset NAME; shipped TOML files in es_mpi/presets/; --config and "
+            "flags override them; give --model DIR):\n\n\b\n" + presets.help_text())
+
+
+def _one_line(text: object) -> str:
+    """An error message on one line (paths or library messages may hold newlines)."""
+    return re.sub(r"\s*\n\s*", " ", str(text).strip())
+
+
+def _launcher_rank() -> int:
+    """This process's MPI rank from the launcher's environment (0 when run alone)."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+class _Cli(click.Group):
+    """click's usage errors (unknown flag, bad value, missing argument) as one line,
+    `es-mpi: error: ...` and exit 2, printed by rank 0 only, like every other bad input."""
+
+    def main(self, *args, standalone_mode: bool = True, **kw):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kw)
+        try:
+            code = super().main(*args, standalone_mode=False, **kw)
+        except click.ClickException as exc:
+            if _launcher_rank() == 0:
+                ctx = getattr(exc, "ctx", None)
+                hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+                click.echo(f"es-mpi: error: {_one_line(exc.format_message())}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Cli,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="es-mpi")
 def cli() -> None:
     """Fine-tune language models with Evolution Strategies on MPI.
@@ -68,21 +132,27 @@ def cli() -> None:
     """
 
 
-@cli.command()
+@cli.command(epilog=_presets_epilog())
+@click.option("--preset", metavar="NAME", default=None,
+              help="Start from a shipped preset (listed below), e.g. countdown.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file of settings (keys as the flags below, with _ or -); "
                    "flags given here override it.")
+@verbosity_options
 @config_options
-def train(config_file: str | None, **flags) -> None:
+def train(preset: str | None, config_file: str | None, quiet: bool, verbose: bool,
+          **flags) -> None:
     """Run ES on a model and task, writing every generation to a run file.
 
     If the run file exists and was made with the same settings (those that shape the
     weights), the run continues from it; otherwise it is left untouched and this fails.
     """
     def body(dist):
-        from es_mpi import commands
+        from es_mpi import commands, presets
 
-        values = load_toml(config_file) if config_file else {}
+        _configure_progress(dist, quiet, verbose)
+        values = presets.load(preset) if preset else {}
+        values.update(load_toml(config_file) if config_file else {})
         values.update({k: v for k, v in flags.items() if v is not None})
         commands.train(Config.from_dict(values), dist)
 
@@ -96,7 +166,9 @@ def train(config_file: str | None, **flags) -> None:
 @click.option("--model", metavar="DIR", default=None,
               help="Base model directory, if it moved since the run started "
                    "(its weights must match the run's fingerprint).")
-def resume(run_file: str, generations: int | None, model: str | None) -> None:
+@verbosity_options
+def resume(run_file: str, generations: int | None, model: str | None, quiet: bool,
+           verbose: bool) -> None:
     """Continue a run: base model + latest checkpoint + replay of the logged generations.
 
     The weights are bit-identical to an uninterrupted run on the same hardware, whatever
@@ -105,6 +177,7 @@ def resume(run_file: str, generations: int | None, model: str | None) -> None:
     def body(dist):
         from es_mpi import commands
 
+        _configure_progress(dist, quiet, verbose)
         if generations is not None and generations < 1:
             raise EsError(f"--generations {generations}: must be >= 1")
         commands.resume(run_file, generations, model, dist)
@@ -181,6 +254,102 @@ def inspect(run_file: str, as_json: bool) -> None:
         commands.inspect(run_file, as_json, dist)
 
     _run(body)
+
+
+@cli.command()
+@click.argument("run_files", metavar="RUN.h5 [RUN2.h5 ...]", nargs=-1, required=True)
+@click.option("-o", "--out", "out_dir", metavar="DIR", default=None,
+              help="Directory for the PNGs and summary.md [default: RUN_report/ beside the "
+                   "first run file].")
+def report(run_files: tuple[str, ...], out_dir: str | None) -> None:
+    """Plot run files (PNG) and summarize them (summary.md).
+
+    Plots the population reward per generation (mean, std, min-max), the held-out score,
+    the time per generation by phase and each rank's evaluation time (load balance).
+    Several run files are overlaid, labelled by the settings that differ between them;
+    runs that differ only by seed are drawn as their mean with the spread across seeds.
+    """
+    def body(dist):
+        from pathlib import Path
+
+        from es_mpi.report import write_report
+
+        if not dist.is_root:
+            return
+        first = Path(run_files[0])
+        out = Path(out_dir) if out_dir else first.with_name(f"{first.stem}_report")
+        done = write_report(list(run_files), out)
+        top = [f.name for f in done.files if f.parent == out]
+        more = f", and each run's plots in {len(run_files)} subdirectories" \
+            if len(run_files) > 1 else ""
+        click.echo(f"es-mpi: report in {out}/: {', '.join(top)}{more}")
+
+    _run(body)
+
+
+@cli.command()
+@click.option("--model", metavar="DIR", required=True, help="Hugging Face model directory.")
+@click.option("--task", default="conciseness", show_default=True, help="Reward task.")
+@click.option("--task-data", default="", metavar="PATH", help="JSON/JSONL examples for the task.")
+@click.option("--population", type=int, default=8, show_default=True, help="Members N.")
+@click.option("--prompts", type=int, default=4, show_default=True,
+              help="Training prompts per member (the task's first sample of this size).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True,
+              help="Tokens per sequence; EOS is ignored so every mode does equal work.")
+@click.option("--sigma", type=float, default=1e-3, show_default=True, help="Noise scale.")
+@click.option("--lr", type=float, default=5e-4, show_default=True, help="Learning rate.")
+@click.option("--rank", type=int, default=1, show_default=True, help="Lowrank rank r.")
+@click.option("--antithetic/--no-antithetic", default=False, show_default=True,
+              help="Antithetic pairs in the lowrank and full modes (not the paper loop).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              default="auto", show_default=True, help="Replica dtype.")
+@click.option("--threads", type=int, default=0,
+              help="Torch threads per mode [default: all cores available].")
+@click.option("--modes", default=",".join(("inference", "lowrank", "full", "paper")),
+              show_default=True, help="Comma-separated modes to measure.")
+@click.option("--json", "json_out", metavar="FILE", default=None,
+              help="Write the full report (seconds, phases, memory, ratios) as JSON.")
+def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr, rank,
+          antithetic, dtype, threads, modes, json_out) -> None:
+    """Time one ES generation per mode against pure batched inference of the same sequences.
+
+    Each mode runs in a fresh single process (one rank): inference (the N x P sequences in
+    one generate), lowrank, full, and paper (the paper scripts' loop, the baseline). Prints
+    a table of seconds, tokens/s, ratios, phase split and peak memory per rank.
+    """
+    import json
+    import os
+
+    from es_mpi.bench import MODES, table
+    from es_mpi.bench import bench as run_bench
+    from es_mpi.model import check_model_dir
+
+    try:
+        check_model_dir(model)
+        chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+        unknown = [m for m in chosen if m not in MODES]
+        if unknown or not chosen:
+            raise EsError(f"--modes: unknown mode(s) {', '.join(unknown) or '(none)'}; "
+                          f"choose from {', '.join(MODES)}")
+        for name, value in (("population", population), ("prompts", prompts),
+                            ("max-new-tokens", max_new_tokens), ("rank", rank)):
+            if value < 1:
+                raise EsError(f"--{name} {value}: must be >= 1")
+        opts = {"model": os.path.abspath(model), "task": task,
+                "task_data": os.path.abspath(task_data) if task_data else "",
+                "population": population, "prompts": prompts,
+                "max_new_tokens": max_new_tokens, "sigma": sigma, "lr": lr, "rank": rank,
+                "antithetic": antithetic, "dtype": dtype,
+                "threads": threads or len(os.sched_getaffinity(0))}
+        report = run_bench(opts, chosen, echo=lambda m: click.echo(m, err=True))
+    except EsError as exc:
+        click.echo(f"es-mpi: error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(table(report))
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump(report, fh, indent=2)
+        click.echo(f"wrote {json_out}")
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from es_mpi import model as hf
-from es_mpi import runfile
+from es_mpi import progress, report, runfile
 from es_mpi.config import Config
 from es_mpi.dist import Dist, set_threads
 from es_mpi.errors import EsError
@@ -32,6 +32,7 @@ def _existing_run(cfg: Config) -> runfile.RunInfo | None:
     if not path.exists():
         runfile.check_writable(path)
         return None
+    runfile.check_unlocked(path)  # first: a file that a run is writing may not read cleanly
     info = runfile.read_info(path)
     diffs = cfg.trajectory_differences(info.config)
     if diffs:
@@ -41,14 +42,25 @@ def _existing_run(cfg: Config) -> runfile.RunInfo | None:
                       f"pass another --run path, or continue it with: es-mpi resume {path}")
     if not os.access(path, os.W_OK):
         raise EsError(f"run file {path} is not writable")
-    runfile.check_unlocked(path)
     return info
 
 
 def _prechecks(cfg: Config) -> tuple[Task, list]:
     """Cheap checks on every rank before any model is loaded: (task, training examples)."""
     hf.check_model_dir(cfg.model)
+    _check_context(cfg)
     return check_task(cfg)
+
+
+def _check_context(cfg: Config) -> None:
+    """Completions must fit the model's context window (from config.json, before loading)."""
+    config = json.loads((Path(cfg.model) / "config.json").read_text())
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    limit = next((config[k] for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(config.get(k), int)), None)
+    if limit is not None and cfg.max_new_tokens >= limit:
+        raise EsError(f"max_new_tokens {cfg.max_new_tokens} does not fit the context of model "
+                      f"{cfg.model} ({limit} positions, prompt included); use fewer new tokens")
 
 
 def train(cfg: Config, dist: Dist) -> None:
@@ -66,17 +78,18 @@ def train(cfg: Config, dist: Dist) -> None:
     writer = dist.root_first(lambda: runfile.RunWriter.create(
         cfg.run, cfg, cfg.model, s.fingerprint, examples_fingerprint(train_examples),
         n_prompts(cfg, train_examples)))
-    dist.print0(f"es-mpi: {cfg.population} members x {n_prompts(cfg, train_examples)} prompts, "
-                f"{dist.size} rank(s), task {cfg.task}, mode {cfg.mode}; run file {cfg.run}")
+    progress.current(dist.is_root).info(
+        f"es-mpi: {cfg.population} members x {n_prompts(cfg, train_examples)} prompts, "
+        f"{dist.size} rank(s), task {cfg.task}, mode {_mode(cfg)}; run file {cfg.run}")
     _run_loop(cfg, dist, s, writer, 0, fresh=True)
 
 
 def resume(path: str, generations: int | None, model: str | None, dist: Dist) -> None:
     """Continue the run in `path` until `generations` in total."""
     def check():
-        info = runfile.read_info(path)
-        runfile.check_unlocked(path)
-        return info
+        if Path(path).is_file():
+            runfile.check_unlocked(path)  # first: a file being written may not read cleanly
+        return runfile.read_info(path)
 
     info = dist.bcast(dist.root_first(check))
     cfg = info.config.replace(run=str(path))
@@ -106,8 +119,9 @@ def _continue(cfg: Config, info: runfile.RunInfo, task: Task, train_examples: li
         return writer
 
     writer = dist.root_first(reopen)
-    dist.print0(f"es-mpi: resuming {cfg.run} at generation {done} of {cfg.generations} "
-                f"on {dist.size} rank(s)")
+    progress.current(dist.is_root).info(
+        f"es-mpi: resuming {cfg.run} at generation {done} of {cfg.generations} "
+        f"on {dist.size} rank(s)")
     _run_loop(cfg, dist, s, writer, done, fresh=False)
 
 
@@ -127,11 +141,26 @@ def _run_loop(cfg: Config, dist: Dist, s, writer: runfile.RunWriter | None, star
     _print_done(cfg, dist)
 
 
+def _mode(cfg: Config) -> str:
+    if cfg.mode == "lowrank":
+        return f"lowrank (rank {cfg.rank}, {cfg.member_batch} members per batch)"
+    return cfg.mode
+
+
 def _print_done(cfg: Config, dist: Dist) -> None:
-    dist.print0(f"es-mpi: done. run file: {cfg.run}\n"
-                f"  inspect: es-mpi inspect {cfg.run}\n"
-                f"  resume:  es-mpi resume {cfg.run} --generations {cfg.generations * 2}\n"
-                f"  export:  es-mpi export {cfg.run} OUT_DIR")
+    """The final summary (also under --quiet): how the run went and what to do next."""
+    if not dist.is_root:
+        return
+    try:
+        summary = report.summary_line(cfg.run) + "\n"
+    except EsError:  # the run is done and safe; its summary is a nicety
+        summary = "\n"
+    print(f"es-mpi: done. {summary}"
+          f"  run file: {cfg.run}\n"
+          f"  inspect: es-mpi inspect {cfg.run}\n"
+          f"  report:  es-mpi report {cfg.run}      (plots, PNG)\n"
+          f"  resume:  es-mpi resume {cfg.run} --generations {cfg.generations * 2}\n"
+          f"  export:  es-mpi export {cfg.run} OUT_DIR", flush=True)
 
 
 def export(path: str, out_dir: str, generation: int | None, model: str | None,
@@ -220,6 +249,7 @@ def inspect_summary(path: str) -> dict:
         "created": info.created,
         "model": {"path": info.model_path, "fingerprint": info.model_fingerprint},
         "task": info.config.task,
+        "task_fingerprint": info.task_fingerprint,
         "config": json.loads(info.config.to_json()),
         "generations_complete": done,
         "generations_target": info.config.generations,

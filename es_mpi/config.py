@@ -19,6 +19,7 @@ from typing import Any
 from es_mpi.errors import EsError
 
 MAX_SEED = 2**63 - 1
+MAX_COUNT = 2**31 - 1  # sizes and counts: beyond this an int is a typo, not a setting
 
 
 def _field(default, help: str, resumable: bool = False, **kw):
@@ -44,7 +45,14 @@ class Config:
         10, "Total number of generations the run should reach.", resumable=True
     )
     seed: int = _field(0, "Run seed; every member seed derives from (seed, generation, member).")
-    mode: str = _field("full", "Population evaluation mode.", choices=("full",))
+    mode: str = _field(
+        "full", "Population evaluation: full (perturb the weights in place, one generate per "
+        "member) or lowrank (rank-r perturbations inside one batched generate; only matrices "
+        "train).", choices=("full", "lowrank"))
+    rank: int = _field(1, "Rank r of each member's perturbation of a matrix (lowrank mode).")
+    member_batch: int = _field(
+        4, "Members evaluated together in one batched generate (lowrank mode); these fixed "
+        "groups are dealt to ranks, so results do not depend on the number of ranks.")
     antithetic: bool = _field(False, "Evaluate mirrored pairs (eps, -eps); needs an even N.")
     shaping: str = _field(
         "zscore", "Reward shaping over the population.", choices=("zscore", "rank")
@@ -87,6 +95,8 @@ class Config:
             value = getattr(self, f.name)
             if f.type in ("int",) and (isinstance(value, bool) or not isinstance(value, int)):
                 raise bad(f.name, "expected an integer")
+            if f.type == "int" and f.name != "seed" and value > MAX_COUNT:
+                raise bad(f.name, f"must be at most {MAX_COUNT}")
             if f.type == "float":
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise bad(f.name, "expected a number")
@@ -115,12 +125,12 @@ class Config:
             raise bad("generations", "must be >= 1")
         if not 0 <= self.seed <= MAX_SEED:
             raise bad("seed", f"must be in [0, {MAX_SEED}]")
-        for name in ("max_new_tokens", "checkpoint_every", "keep_checkpoints", "checksum_every",
-                     "gpus_per_rank"):
+        for name in ("rank", "member_batch", "max_new_tokens", "checkpoint_every",
+                     "keep_checkpoints", "checksum_every", "gpus_per_rank"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
-        if self.reward_timeout < 0:
-            raise bad("reward_timeout", "must be >= 0 (0 = no limit)")
+        if not 0 <= self.reward_timeout <= 1e6:
+            raise bad("reward_timeout", "must be in [0, 1e6] seconds (0 = no limit)")
         if self.eval_every < 0 or self.eval_limit < 0:
             raise bad("eval_every" if self.eval_every < 0 else "eval_limit", "must be >= 0")
         if self.eval_batch_size < 1:

@@ -29,6 +29,7 @@ class Dist:
     def __init__(self, serial: bool = False) -> None:
         self.comm = None
         self.rank, self.size, self.local_rank, self.local_size = 0, 1, 0, 1
+        self.bytes_moved = 0  # sent + received by this rank in allgather_rows/allgather_ints
         if serial:
             return
         try:
@@ -79,11 +80,22 @@ class Dist:
             return rows.copy()
         out = np.empty(sum(counts), dtype=rows.dtype)
         itemsize = rows.dtype.itemsize
+        self.bytes_moved += rows.nbytes + out.nbytes
         byte_counts = [c * itemsize for c in counts]
         displs = np.concatenate([[0], np.cumsum(byte_counts)[:-1]]).tolist()
         send = np.ascontiguousarray(rows).view(np.uint8)
         self.comm.Allgatherv([send, self.MPI.BYTE],
                              [out.view(np.uint8), (byte_counts, displs), self.MPI.BYTE])
+        return out
+
+    def allgather_ints(self, values: list[int]) -> np.ndarray:
+        """Every rank's int64 values as a (size, len(values)) array (buffer-based)."""
+        send = np.asarray(values, dtype=np.int64)
+        if self.comm is None:
+            return send[None, :].copy()
+        out = np.empty((self.size, len(values)), dtype=np.int64)
+        self.comm.Allgather([send, self.MPI.INT64_T], [out, self.MPI.INT64_T])
+        self.bytes_moved += send.nbytes + out.nbytes
         return out
 
     def root_first(self, fn: Callable[[], T]) -> T | None:
@@ -138,7 +150,13 @@ def run_guarded(dist: Dist, fn: Callable[[], T]) -> T:
     """Run fn; a bug (not an EsError) on any rank prints its traceback and aborts the job."""
     try:
         return fn()
-    except (EsError, KeyboardInterrupt, SystemExit, Stopped):
+    except SystemExit as exc:
+        if dist.size > 1:  # exit() in task code on one rank: the others would wait forever
+            sys.stderr.write(f"es-mpi: rank {dist.rank}: exit({exc.code}) called during the "
+                             "run; aborting the job\n")
+            dist.abort(1)
+        raise
+    except (EsError, KeyboardInterrupt, Stopped):
         raise
     except Exception:
         sys.stderr.write(f"es-mpi: rank {dist.rank}: unexpected error\n")

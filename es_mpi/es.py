@@ -1,21 +1,73 @@
 """The ES core on tensors: perturb, restore, update, checksum. No MPI, no transformers.
 
-`Replica` pairs the model's own parameters (any dtype, any device) with an fp32 master
-copy of them. A member is evaluated by writing `master + sign * sigma * eps` into the
-parameters and restored by copying the master back, so nothing drifts. The update is
-accumulated in fp32, tensor by tensor, from noise regenerated from the seeds: no
-whole-model noise vector ever exists.
+`Replica` pairs the model's trained parameters (any dtype, any device) with an fp32
+master copy of them. In full mode a member is evaluated by writing `master + sign *
+sigma * eps` into the parameters and restored by copying the master back, so nothing
+drifts. In lowrank mode the parameters are never perturbed (es_mpi.lowrank adds the
+perturbation inside the forward pass), so fp32 parameters serve as their own master.
+The update is accumulated in fp32, tensor by tensor, from noise regenerated from the
+seeds: no whole-model noise vector ever exists.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from es_mpi.noise import SEED_MASK, tensor_noise
+from es_mpi.noise import NOISE_CHUNK, SEED_MASK, chunk_noise, chunks, lowrank_factors
+
+
+class FullNoise:
+    """Member noise eps_i: an independent standard normal per tensor (es_mpi.noise)."""
+
+    name = "full"
+
+    def add_update_(self, theta: torch.Tensor, name: str, terms: list[tuple[int, float]],
+                    alpha: float, work: torch.Tensor) -> None:
+        """theta += alpha * sum_j c_j eps_j(name), a noise chunk at a time, in term order."""
+        acc_buf, eps_buf = work[:NOISE_CHUNK], work[NOISE_CHUNK:]
+        for k, part in enumerate(chunks(theta)):
+            acc, eps = acc_buf[:part.numel()], eps_buf[:part.numel()]
+            acc.zero_()
+            for seed, c in terms:
+                acc.add_(chunk_noise(seed, name, k, eps), alpha=c)
+            part.add_(acc, alpha=alpha)
+
+
+class LowRankNoise:
+    """Member noise of a matrix: A_i @ B_i.T / sqrt(r) (EGGROLL), thin factors from the seed."""
+
+    name = "lowrank"
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def factors(self, seed: int, name: str, theta: torch.Tensor):
+        """Raw (A, B) of a member; its perturbation of theta is A B^T / sqrt(r)."""
+        return lowrank_factors(seed, name, theta.shape, self.rank, theta.device)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.rank)
+
+    def add_update_(self, theta: torch.Tensor, name: str, terms: list[tuple[int, float]],
+                    alpha: float, work: torch.Tensor) -> None:
+        """theta += alpha * sum_j c_j A_j B_j^T / sqrt(r): one (out x Kr) @ (Kr x in)
+        product, computed a block of rows at a time."""
+        pairs = [self.factors(seed, name, theta) for seed, _ in terms]
+        coef = torch.tensor([c * self.scale for _, c in terms], dtype=torch.float32,
+                            device=theta.device)
+        a = torch.cat([a for a, _ in pairs], dim=1) * coef.repeat_interleave(self.rank)
+        b = torch.cat([b for _, b in pairs], dim=1)
+        rows = max(1, NOISE_CHUNK // theta.shape[1])
+        for r0 in range(0, theta.shape[0], rows):
+            block = theta[r0:r0 + rows]
+            acc = work[:block.numel()].view(block.shape)
+            block.add_(torch.mm(a[r0:r0 + rows], b.T, out=acc), alpha=alpha)
 
 
 def noise_coefficients(seeds_n: np.ndarray, signs_n: np.ndarray,
@@ -30,17 +82,26 @@ def noise_coefficients(seeds_n: np.ndarray, signs_n: np.ndarray,
     return list(coef.items())
 
 
+def _work(tensors: Mapping[str, torch.Tensor]) -> dict[torch.device, torch.Tensor]:
+    """fp32 work space, two noise chunks per device (reused: no fresh allocations)."""
+    return {d: torch.empty(2 * NOISE_CHUNK, dtype=torch.float32, device=d)
+            for d in {t.device for t in tensors.values()}}
+
+
 @torch.no_grad()
 def es_update_(master: Mapping[str, torch.Tensor], seeds_n: np.ndarray, signs_n: np.ndarray,
                z_n: np.ndarray, lr: float, weight_decay: float = 0.0,
-               anchor: Mapping[str, torch.Tensor] | None = None) -> None:
+               anchor: Mapping[str, torch.Tensor] | None = None,
+               noise: FullNoise | LowRankNoise | None = None) -> None:
     """theta += lr/N * sum_i z_i * sign_i * eps_i  (- lr * wd * (theta - anchor)), in place.
 
     The same inputs give bit-identical results on every rank: members are summed in
     member order and every tensor's noise is regenerated from its seed.
     """
+    noise = noise or FullNoise()
     n = len(z_n)
     terms = [(s, c) for s, c in noise_coefficients(seeds_n, signs_n, z_n) if c != 0.0]
+    work = _work(master) if terms else {}
     for name, theta in master.items():
         if weight_decay:
             if anchor is None:
@@ -48,12 +109,8 @@ def es_update_(master: Mapping[str, torch.Tensor], seeds_n: np.ndarray, signs_n:
             else:
                 theta.sub_(theta - anchor[name].to(theta.device, torch.float32),
                            alpha=lr * weight_decay)
-        if not terms:
-            continue
-        acc = torch.zeros_like(theta)
-        for seed, c in terms:
-            acc.add_(tensor_noise(seed, name, theta.shape, theta.device), alpha=c)
-        theta.add_(acc, alpha=lr / n)
+        if terms:
+            noise.add_update_(theta, name, terms, lr / n, work[theta.device])
 
 
 def checksum(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -63,7 +120,7 @@ def checksum(tensors: Mapping[str, torch.Tensor]) -> int:
     for name, t in tensors.items():
         bits = t.detach().contiguous().view(int_view[t.element_size()]).reshape(-1)
         total = 0
-        for chunk in bits.split(1 << 24):
+        for chunk in bits.split(1 << 22):
             total += int(chunk.sum(dtype=torch.int64))
         h.update(name.encode())
         h.update(total.to_bytes(16, "little", signed=True))
@@ -72,30 +129,62 @@ def checksum(tensors: Mapping[str, torch.Tensor]) -> int:
 
 
 class Replica:
-    """A model's trainable parameters plus their fp32 master copy."""
+    """A model's trained parameters plus their fp32 master copy.
 
-    def __init__(self, params: Mapping[str, torch.nn.Parameter]):
+    `share_master`: fp32 parameters are their own master (lowrank mode, where the
+    parameters are never perturbed in place), saving a copy of the model.
+    """
+
+    def __init__(self, params: Mapping[str, torch.nn.Parameter],
+                 noise: FullNoise | LowRankNoise | None = None, share_master: bool = False):
         self.params = dict(params)
+        self.noise = noise or FullNoise()
+        self._perturbed: tuple[int, int] | None = None  # (seed, sign) held by the params
         with torch.no_grad():
-            self.master = {n: p.detach().to(torch.float32, copy=True)
-                           for n, p in self.params.items()}
+            self.master = {
+                n: p.data if share_master and p.dtype == torch.float32
+                else p.detach().to(torch.float32, copy=True)
+                for n, p in self.params.items()}
+        self._work: dict[torch.device, torch.Tensor] | None = None
+
+    def _shares(self, name: str) -> bool:
+        return self.master[name] is self.params[name].data
 
     @torch.no_grad()
     def perturb(self, seed: int, sign: int, sigma: float) -> None:
-        """Write master + sign * sigma * eps(seed) into the parameters."""
+        """Write master + sign * sigma * eps(seed) into the parameters (full mode).
+
+        The mirror of an fp32 member is defined as theta - (theta+ - theta), where
+        theta+ = fl(theta + sigma * eps): from the parameters holding theta+ it costs
+        no noise at all, which halves the noise of antithetic pairs. Every rank uses
+        the same definition, so results do not depend on where a member is evaluated.
+        """
+        if self._work is None:
+            self._work = _work(self.master)
+        plus_held = self._perturbed == (seed, 1)
         for name, p in self.params.items():
             theta = self.master[name]
-            eps = tensor_noise(seed, name, theta.shape, theta.device)
-            if p.dtype == torch.float32:
-                torch.add(theta, eps, alpha=sign * sigma, out=p.data)
-            else:
-                p.data.copy_(theta.add(eps, alpha=sign * sigma))
+            work = self._work[theta.device]
+            for k, (th, pc) in enumerate(zip(chunks(theta), chunks(p.data), strict=True)):
+                buf = work[:th.numel()]
+                if p.dtype == torch.float32 and sign < 0:
+                    if not plus_held:
+                        torch.add(th, chunk_noise(seed, name, k, buf), alpha=sigma, out=pc)
+                    torch.sub(pc, th, out=buf)
+                    torch.sub(th, buf, out=pc)
+                elif p.dtype == torch.float32:
+                    torch.add(th, chunk_noise(seed, name, k, buf), alpha=sign * sigma, out=pc)
+                else:
+                    pc.copy_(th.add(chunk_noise(seed, name, k, buf), alpha=sign * sigma))
+        self._perturbed = (seed, sign)
 
     @torch.no_grad()
     def restore(self) -> None:
         """Copy the master back into the parameters (exact: no subtraction)."""
         for name, p in self.params.items():
-            p.data.copy_(self.master[name])
+            if not self._shares(name):
+                p.data.copy_(self.master[name])
+        self._perturbed = None
 
     @torch.no_grad()
     def load_master(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -105,7 +194,7 @@ class Replica:
         self.restore()
 
     def update(self, seeds_n, signs_n, z_n, lr, weight_decay=0.0, anchor=None) -> None:
-        es_update_(self.master, seeds_n, signs_n, z_n, lr, weight_decay, anchor)
+        es_update_(self.master, seeds_n, signs_n, z_n, lr, weight_decay, anchor, self.noise)
         self.restore()
 
     def checksum(self) -> int:

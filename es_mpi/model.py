@@ -91,12 +91,15 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, batch: dict[str, torch.Tensor],
-             max_new_tokens: int) -> tuple[list[str], list[int]]:
-    """Greedy completions (new tokens only, decoded) and the number of tokens each made."""
+def generate(model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: int,
+             ignore_eos: bool = False) -> tuple[list[str], list[int]]:
+    """Greedy completions (new tokens only, decoded) and the number of tokens each made.
+
+    `ignore_eos`: always generate max_new_tokens (benchmarks: equal work in every mode).
+    """
     from transformers import GenerationConfig
 
-    eos = _eos_ids(model, tokenizer)
+    eos = [] if ignore_eos else _eos_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=eos or None)
     out = model.generate(**batch, generation_config=config)

@@ -38,8 +38,43 @@ def member_seeds(run_seed: int, generation: int, population: int,
     return seeds_n, signs_n
 
 
+NOISE_CHUNK = 1 << 22  # elements per noise chunk (16 MiB of fp32)
+
+
+def chunks(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A contiguous tensor's elements as consecutive 1-D views of NOISE_CHUNK."""
+    return t.view(-1).split(NOISE_CHUNK)
+
+
+def chunk_noise(seed: int, name: str, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Fill `out` (fp32, 1-D) with chunk k of a tensor's noise.
+
+    Each chunk has its own seed, so noise is made (and used) a chunk at a time: the
+    perturbation and the update never need more than a chunk of extra memory.
+    """
+    gen = torch.Generator(device=out.device)
+    gen.manual_seed(derive_seed(seed, name, k))
+    return torch.randn(out.shape, generator=gen, out=out)
+
+
 def tensor_noise(seed: int, name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
     """Standard normal fp32 noise for one tensor of one member, made on `device`."""
+    eps = torch.empty(shape, dtype=torch.float32, device=device)
+    for k, part in enumerate(chunks(eps)):
+        chunk_noise(seed, name, k, part)
+    return eps
+
+
+def lowrank_factors(seed: int, name: str, shape: torch.Size, rank: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin fp32 factors (A, B) of one member's perturbation of a matrix (out x in).
+
+    The perturbation is A @ B.T / sqrt(rank), A: (out, rank), B: (in, rank); each of its
+    entries has unit variance, like full-mode noise. Both factors come from one draw.
+    """
+    out_features, in_features = shape
     gen = torch.Generator(device=device)
     gen.manual_seed(derive_seed(seed, name))
-    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    ab = torch.randn((out_features + in_features, rank), generator=gen, device=device,
+                     dtype=torch.float32)
+    return ab[:out_features], ab[out_features:]

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from tasks import Example, Task
 
 
-class RewardTimeout(Exception):
-    pass
+class RewardTimeout(BaseException):
+    """Not an Exception, so a reward's own `except Exception:` cannot swallow the deadline."""
 
 
 @contextmanager
@@ -53,7 +53,8 @@ def score(task: Task, completions: list[str], examples: list[Example], timeout: 
     except RewardTimeout:
         return None, (f"task {task.name}: reward took longer than --reward-timeout {timeout:g} s "
                       f"({where}); make it faster or raise the limit")
-    except Exception as exc:  # noqa: BLE001  (user code: report it, never update on it)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001  (user code: report, never update)
+        # SystemExit too: a reward calling exit() on one rank would leave the others waiting
         return None, (f"task {task.name}: reward raised {type(exc).__name__}: {exc} ({where}); "
                       "fix the reward function")
     if len(values) != len(completions):

@@ -21,7 +21,9 @@ from __future__ import annotations
 import datetime
 import fcntl
 import os
-from collections.abc import Iterator
+import resource
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +52,12 @@ GENERATION_FIELDS: dict[str, tuple[str, str]] = {
     "reward_max": ("f8", ""),
     "checksum": ("i8", ""),        # weights checksum after this generation's update
     "world_size": ("i4", ""),
+    "comm_bytes": ("i8", ""),      # bytes rank 0 sent + received in the collectives
     "time_eval": ("f8", ""),       # phase timings on rank 0, seconds
+    "time_perturb": ("f8", ""),    # part of time_eval: noise and perturbation (full) or
+                                   # low-rank factors (lowrank)
+    "time_generate": ("f8", ""),   # part of time_eval: generate calls
+    "time_score": ("f8", ""),      # part of time_eval: reward functions
     "time_gather": ("f8", ""),
     "time_update": ("f8", ""),
     "time_checksum": ("f8", ""),
@@ -97,11 +104,66 @@ def _open(path: str | Path, mode: str) -> h5py.File:
                       "stop that run first") from None
     except OSError as exc:
         text = str(exc)
-        if "lock" in text.lower():
+        if "unable to lock file" in text.lower():  # not just "lock": "sblock" is no lock
             raise EsError(f"run file {path} is open in another process (HDF5 lock); "
                           "stop that run first") from None
+        if "truncated file" in text:
+            raise EsError(f"run file {path} is truncated ({text.split('truncated file: ')[-1]}"
+                          ": it was cut short (interrupted copy, full disk?) and cannot be "
+                          "used; restore a complete copy") from None
         raise EsError(f"run file {path} cannot be opened as HDF5 ({text.splitlines()[0]}); "
                       "is it a run file of es-mpi, and complete?") from None
+
+
+@contextmanager
+def _damaged(path: str | Path, what: str) -> Iterator[None]:
+    """Turn a read failure inside an opened run file into one clear EsError."""
+    try:
+        yield
+    except EsError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        text = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if _locked(path):
+            raise EsError(f"run file {path}: cannot read {what} ({text}) while a run is "
+                          "writing it; try again") from None
+        raise EsError(f"run file {path}: cannot read {what} ({text}); the file is damaged "
+                      "(truncated, overwritten or partly copied?)") from None
+
+
+def _locked(path: str | Path) -> bool:
+    """Whether a writer holds the file's HDF5 lock (flock) right now."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class RunFileFull(EsError):
+    """No room for the next write. Raised on rank 0 alone (the writer), so the CLI aborts
+    the job after the error line instead of leaving the other ranks waiting."""
+
+    abort_job = True
+
+
+def _space_left(path: str | Path) -> int:
+    """Bytes the file at `path` may still grow: free disk space, and RLIMIT_FSIZE."""
+    st = os.statvfs(path)
+    left = st.f_bavail * st.f_frsize
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        left = min(left, max(0, limit - os.path.getsize(path)))
+    return left
 
 
 def _checkpoint_generations(f: h5py.File, limit: int) -> list[int]:
@@ -123,7 +185,7 @@ def checkpoint_list(f: h5py.File) -> list[int]:
 
 def read_info(path: str | Path) -> RunInfo:
     """Header and progress of a run file; raises EsError for anything not a valid run file."""
-    with _open(path, "r") as f:
+    with _open(path, "r") as f, _damaged(path, "its header"):
         attrs = f.attrs
         if "format_version" not in attrs or "config" not in attrs:
             raise EsError(f"{path} is an HDF5 file but not an es-mpi run file "
@@ -150,7 +212,7 @@ def read_info(path: str | Path) -> RunInfo:
 def read_generations(path: str | Path, start: int = 0, stop: int | None = None,
                      fields: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """Rows [start, stop) of the complete generations, as NumPy arrays by field name."""
-    with _open(path, "r") as f:
+    with _open(path, "r") as f, _damaged(path, "the generation rows"):
         complete = int(f.attrs.get("complete_generations", 0))
         stop = complete if stop is None else min(stop, complete)
         gen = f["generations"]
@@ -160,7 +222,7 @@ def read_generations(path: str | Path, start: int = 0, stop: int | None = None,
 
 def read_evals(path: str | Path) -> dict[str, np.ndarray]:
     """Committed held-out evaluations, as NumPy arrays by field name."""
-    with _open(path, "r") as f:
+    with _open(path, "r") as f, _damaged(path, "the held-out evaluations"):
         if "eval" not in f:
             return {name: np.zeros(0, dtype) for name, dtype in EVAL_FIELDS.items()}
         complete = int(f.attrs.get("complete_generations", 0))
@@ -173,14 +235,19 @@ def apply_checkpoint_(path: str | Path, generation: int,
                       master: dict[str, torch.Tensor]) -> None:
     """Turn `master` (holding theta_0, fp32) into theta_generation in place, bit-exact:
     theta_0 + delta, then the stored fix-ups."""
-    with _open(path, "r") as f:
+    with _open(path, "r") as f, _damaged(path, f"checkpoint {generation}"):
         group = f[f"checkpoints/{generation:08d}"]
         fixups = group.get("fixups", {})
         for name, theta in master.items():
             if name not in group:
                 raise EsError(f"run file {path}: checkpoint {generation} has no tensor {name!r}; "
                               "was the run made with another model?")
-            theta.add_(torch.from_numpy(group[name][...]).to(theta.device))
+            ds = group[name]
+            if theta.dim() == 0:
+                theta.add_(torch.from_numpy(ds[...]).to(theta.device))
+            step = max(1, (1 << 22) // max(1, theta[0].numel())) if theta.dim() else 0
+            for r0 in range(0, theta.shape[0] if theta.dim() else 0, step):
+                theta[r0:r0 + step].add_(torch.from_numpy(ds[r0:r0 + step]).to(theta.device))
             if name in fixups:
                 index = torch.from_numpy(fixups[name]["index"][...]).to(theta.device)
                 value = torch.from_numpy(fixups[name]["value"][...]).to(theta.device)
@@ -188,8 +255,20 @@ def apply_checkpoint_(path: str | Path, generation: int,
 
 
 def checkpoint_checksum(path: str | Path, generation: int) -> int:
-    with _open(path, "r") as f:
+    with _open(path, "r") as f, _damaged(path, f"checkpoint {generation}"):
         return int(f[f"checkpoints/{generation:08d}"].attrs["checksum"])
+
+
+def _add_missing_fields(gen: h5py.Group, rows: int) -> None:
+    """Fields added since a file was made: created with NaN (or 0) for its older rows."""
+    n = gen["seeds"].shape[1]
+    for name, (dtype, kind) in GENERATION_FIELDS.items():
+        if name in gen or kind == "b":
+            continue
+        width = (n,) if kind == "n" else ()
+        fill = np.nan if dtype.startswith("f") else 0
+        gen.create_dataset(name, shape=(rows, *width), maxshape=(None, *width), dtype=dtype,
+                           chunks=(64, *width), fillvalue=fill)
 
 
 class RunWriter:
@@ -240,9 +319,11 @@ class RunWriter:
         """Open for continuing; drops rows and checkpoints a crash left uncommitted."""
         f = _open(path, "r+")
         complete = int(f.attrs["complete_generations"])
-        for ds in f["generations"].values():
+        gen = f["generations"]
+        for ds in gen.values():
             if ds.shape[0] > complete:
                 ds.resize(complete, axis=0)
+        _add_missing_fields(gen, complete)
         if "eval" in f:
             gens = f["eval/generation"][...]
             kept = int(np.searchsorted(gens, complete, side="right"))
@@ -267,6 +348,26 @@ class RunWriter:
     def complete_generations(self) -> int:
         return int(self.f.attrs["complete_generations"])
 
+    def check_space(self, nbytes: int, what: str) -> None:
+        """Refuse a write the disk has no room for, before writing any of it.
+
+        HDF5 does not survive a full disk (it can crash in the middle of a flush), so the
+        writer checks first: room on the file system (and under RLIMIT_FSIZE) plus the free
+        space inside the file (left by dropped checkpoints) must hold `nbytes` and a margin
+        for one new chunk of every generation field and the metadata.
+        """
+        margin = (1 << 20) + sum(int(np.prod(ds.chunks)) * ds.dtype.itemsize
+                                 for ds in self.f["generations"].values())
+        room = _space_left(self.path) + self.f.id.get_freespace()
+        if room < nbytes + margin:
+            mib = 1 << 20
+            raise RunFileFull(
+                f"run file {self.path}: no room to write {what}: {room / mib:.1f} MiB "
+                f"available, about {(nbytes + margin) / mib:.1f} MiB needed (disk full or "
+                f"file size limit); it was not committed and the file holds "
+                f"{self.complete_generations} complete generations. Free some space, then "
+                f"continue with: es-mpi resume {self.path}")
+
     def append_generation(self, generation: int, row: dict[str, np.ndarray | float | int]) -> None:
         """Write generation `generation`'s row; it counts only after `commit`."""
         if generation != self.complete_generations:
@@ -276,6 +377,7 @@ class RunWriter:
         missing = set(GENERATION_FIELDS) - set(row)
         if missing:
             raise RuntimeError(f"generation row lacks {sorted(missing)}")
+        self.check_space(0, f"generation {generation}")
         for name in GENERATION_FIELDS:
             ds = gen[name]
             ds.resize(generation + 1, axis=0)
@@ -294,25 +396,44 @@ class RunWriter:
         self.f["generations"][name][generation] = value
 
     def write_checkpoint(self, generation: int, checksum: int,
-                         tensors: Iterator[tuple[str, torch.Tensor, torch.Tensor]],
+                         master: Mapping[str, torch.Tensor],
+                         base_rows: Callable[[str, int, int], torch.Tensor],
                          keep: int) -> None:
-        """Store theta_t - theta_0 for (name, theta_t, theta_0) and drop old checkpoints."""
+        """Store theta_t - theta_0 per tensor of `master` and drop old checkpoints.
+
+        base_rows(name, r0, r1) gives rows r0..r1 of theta_0 (fp32). Tensors are written
+        a block of rows at a time, so a checkpoint needs only a block of extra memory.
+        """
         root = self.f["checkpoints"]
         if ".partial" in root:
             del root[".partial"]
         group = root.create_group(".partial")
-        for name, theta, theta0 in tensors:
-            theta = theta.detach().to("cpu", torch.float32)
-            theta0 = theta0.detach().to("cpu", torch.float32)
-            delta = theta - theta0
-            wrong = ((theta0 + delta) != theta).view(-1).nonzero().view(-1)
-            arr = delta.numpy()
-            group.create_dataset(name, data=arr, chunks=_chunks(arr.shape), shuffle=True,
-                                 compression="lzf")
-            if wrong.numel():
+        for name, theta in master.items():
+            self.check_space(4 * theta.numel(), f"checkpoint {generation}")
+            chunks = _chunks(tuple(theta.shape))
+            ds = group.create_dataset(name, shape=tuple(theta.shape), dtype="f4", chunks=chunks,
+                                      shuffle=chunks is not None,
+                                      compression="lzf" if chunks else None)
+            flat = theta.detach().reshape(theta.shape[0] if theta.dim() else 1, -1)
+            step = max(1, (1 << 22) // max(1, flat.shape[1]) // chunks[0] * chunks[0]) \
+                if chunks else 1
+            wrong_i, wrong_v = [], []
+            for r0 in range(0, flat.shape[0], step):
+                block = flat[r0:r0 + step].to("cpu", torch.float32)
+                block0 = base_rows(name, r0, r0 + block.shape[0]).reshape(block.shape)
+                delta = block - block0
+                wrong = ((block0 + delta) != block).view(-1).nonzero().view(-1)
+                if wrong.numel():
+                    wrong_i.append(wrong + r0 * flat.shape[1])
+                    wrong_v.append(block.view(-1)[wrong])
+                if theta.dim():
+                    ds[r0:r0 + block.shape[0]] = delta.reshape(-1, *theta.shape[1:]).numpy()
+                else:
+                    ds[()] = delta.reshape(()).numpy()
+            if wrong_i:
                 fix = group.require_group("fixups").create_group(name)
-                fix.create_dataset("index", data=wrong.numpy())
-                fix.create_dataset("value", data=theta.view(-1)[wrong].numpy())
+                fix.create_dataset("index", data=torch.cat(wrong_i).numpy())
+                fix.create_dataset("value", data=torch.cat(wrong_v).numpy())
         group.attrs["generation"] = generation
         group.attrs["checksum"] = checksum
         group.attrs["complete"] = True
@@ -365,4 +486,7 @@ def check_writable(path: str | Path) -> None:
         raise EsError(f"cannot create run file {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise EsError(f"cannot create run file {path}: directory {parent} is not writable")
+    st = os.statvfs(parent)
+    if st.f_bavail * st.f_frsize < 4 << 20:
+        raise EsError(f"cannot create run file {path}: less than 4 MiB free in {parent}")
 

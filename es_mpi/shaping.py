@@ -11,6 +11,11 @@ import numpy as np
 def zscore(rewards_n: np.ndarray) -> np.ndarray:
     """(R - mean) / std over the population (the paper's choice); all zeros if std == 0."""
     rewards_n = np.asarray(rewards_n, dtype=np.float64)
+    scale = float(np.abs(rewards_n).max(initial=0.0))
+    if scale > 1e150 or 0.0 < scale < 1e-150:
+        # the squares in std would overflow (NaN z, NaN weights) or underflow (a spread
+        # of rewards read as none); z is scale-free, so rescale only these extremes
+        rewards_n = rewards_n / scale
     std = rewards_n.std()
     if std == 0.0:
         return np.zeros_like(rewards_n)

@@ -15,17 +15,19 @@ import hashlib
 import json
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from es_mpi import lowrank, progress, runfile
 from es_mpi import model as hf
-from es_mpi import runfile
+from es_mpi.basefile import BaseWeights
 from es_mpi.config import Config
 from es_mpi.dist import Dist, select_devices
 from es_mpi.errors import EsError
-from es_mpi.es import Replica, checksum
+from es_mpi.es import FullNoise, LowRankNoise, Replica, checksum
 from es_mpi.evaluate import EvalResult, eval_examples, evaluate
 from es_mpi.noise import derive_seed, member_seeds
 from es_mpi.rewards import score
@@ -38,9 +40,22 @@ ROW_DTYPE = np.dtype([("member", "i8"), ("seed", "i8"), ("reward", "f8"), ("toke
 OK, REWARD_ERROR, SKIPPED = 0, 1, 2  # row status: SKIPPED = not evaluated (stop requested)
 
 
-def members_of(rank: int, world: int, population: int) -> list[int]:
-    """Round-robin dealing: member i is evaluated by rank i % world."""
-    return list(range(rank, population, world))
+def member_groups(cfg: Config) -> list[list[int]]:
+    """The population cut into fixed groups, the unit dealt to ranks.
+
+    lowrank: `member_batch` members share one batched generate. full: antithetic pairs
+    stay together (the mirror costs no noise), else single members. The groups do not
+    depend on the number of ranks, so neither do the batches nor the rewards.
+    """
+    pair = 2 if cfg.antithetic else 1
+    size = cfg.member_batch if cfg.mode == "lowrank" else pair
+    n = cfg.population
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def groups_of(rank: int, world: int, groups: list[list[int]]) -> list[list[int]]:
+    """Round-robin dealing: group g is evaluated by rank g % world."""
+    return groups[rank::world]
 
 
 def prompt_ids_for(cfg: Config, generation: int, n_train: int) -> np.ndarray:
@@ -64,8 +79,10 @@ class Session:
     replica: Replica
     device: torch.device
     fingerprint: str
-    base: dict[str, torch.Tensor] | None = None   # theta_0 (rank 0: checkpoints; decay_to=init)
-    seconds: list[float] = field(default_factory=list)
+    matrices: dict | None = None   # lowrank: parameter name -> modules to hook
+    base: Mapping[str, torch.Tensor] | None = None  # theta_0 (rank 0: checkpoints; decay_to=init)
+    phase: dict[str, float] = field(default_factory=dict)  # this generation's split of eval
+    ignore_eos: bool = False   # benchmarks: every member generates max_new_tokens
     error: str | None = None   # this rank's reward failure in the current generation
     stop: StopFlag = field(default_factory=StopFlag)
 
@@ -106,41 +123,97 @@ def open_session(cfg: Config, dist: Dist, task: Task, train: list) -> Session:
     model, tokenizer = hf.load_model(cfg.model, cfg.dtype, devices)
     params = hf.trainable_parameters(model)
     fingerprint = f"{checksum(params):016x}"
+    matrices = None
+    if cfg.mode == "lowrank":
+        matrices = lowrank.perturbed_matrices(model)
+        if not matrices:
+            raise EsError(f"model {cfg.model} has no Linear or Embedding weights for lowrank "
+                          "mode; use --mode full")
+        params = {n: params[n] for n in matrices}
+        replica = Replica(params, LowRankNoise(cfg.rank), share_master=True)
+    else:
+        replica = Replica(params, FullNoise())
     base = None
-    if dist.is_root or cfg.decay_to == "init":
-        keep_on = "cpu" if cfg.decay_to == "zero" else None
-        base = {n: p.detach().to(keep_on or p.device, copy=True) for n, p in params.items()}
+    if cfg.decay_to == "init":  # the decay anchor, needed by every rank every generation
+        base = {n: p.detach().to(torch.float32, copy=True) for n, p in params.items()}
+    elif dist.is_root:  # for checkpoint deltas: read from the model files when written
+        base = BaseWeights(cfg.model, params)
     return Session(cfg=cfg, dist=dist, task=task, train=train, model=model,
-                   tokenizer=tokenizer, replica=Replica(params), device=devices[0],
-                   fingerprint=fingerprint, base=base)
+                   tokenizer=tokenizer, replica=replica, device=devices[0],
+                   fingerprint=fingerprint, matrices=matrices, base=base)
 
 
 # -- one generation --------------------------------------------------------------------
 
-def evaluate_members(s: Session, members: list[int], seeds_n: np.ndarray, signs_n: np.ndarray,
-                     examples: list, batch: dict) -> np.ndarray:
-    """Full mode: perturb in place, generate greedily for the batch, score, restore."""
+def evaluate_members(s: Session, groups: list[list[int]], seeds_n: np.ndarray,
+                     signs_n: np.ndarray, examples: list, batch: dict) -> np.ndarray:
+    """Score this rank's groups of members on the batch of prompts: rows in member order.
+
+    Stops early (rows SKIPPED) when a stop is requested, and at a reward error.
+    """
+    members = [i for g in groups for i in g]
     rows = np.zeros(len(members), dtype=ROW_DTYPE)
     rows["member"], rows["seed"], rows["rank"] = members, seeds_n[members], s.dist.rank
-    for k, i in enumerate(members):
-        if s.stop.requested:  # abandon the generation: every rank sees SKIPPED rows
-            rows["status"][k:] = SKIPPED
-            return rows
+    s.phase = {"perturb": 0.0, "generate": 0.0, "score": 0.0}
+    evaluate_group = _evaluate_lowrank if s.cfg.mode == "lowrank" else _evaluate_full
+    k = 0
+    try:
+        for group in groups:
+            if s.stop.requested:  # abandon the generation: every rank sees SKIPPED rows
+                rows["status"][k:] = SKIPPED
+                return rows
+            t0 = time.perf_counter()
+            texts_m, tokens_m = evaluate_group(s, group, seeds_n, signs_n, batch)
+            t1 = time.perf_counter()
+            for i, texts, tokens in zip(group, texts_m, tokens_m, strict=True):
+                rewards, s.error = score(s.task, texts, examples, s.cfg.reward_timeout,
+                                         f"member {i}, rank {s.dist.rank}")
+                if s.error:
+                    rows[k]["status"] = REWARD_ERROR
+                    return rows
+                rows[k]["reward"] = float(np.mean(rewards))
+                rows[k]["tokens"] = sum(tokens)
+                k += 1
+            t2 = time.perf_counter()
+            rows["seconds"][k - len(group):k] = (t2 - t0) / len(group)
+            s.phase["score"] += t2 - t1
+    finally:
+        s.replica.restore()
+    return rows
+
+
+def _evaluate_full(s: Session, group: list[int], seeds_n, signs_n, batch):
+    """Full mode: per member, write theta + sigma * sign * eps into the weights, generate."""
+    texts_m, tokens_m = [], []
+    for i in group:
         t0 = time.perf_counter()
         s.replica.perturb(int(seeds_n[i]), int(signs_n[i]), s.cfg.sigma)
-        try:
-            texts, tokens = hf.generate(s.model, s.tokenizer, batch, s.cfg.max_new_tokens)
-        finally:
-            s.replica.restore()
-        rewards, s.error = score(s.task, texts, examples, s.cfg.reward_timeout,
-                                 f"member {i}, rank {s.dist.rank}")
-        if s.error:
-            rows[k]["status"] = REWARD_ERROR
-            return rows
-        rows[k]["reward"] = float(np.mean(rewards))
-        rows[k]["tokens"] = sum(tokens)
-        rows[k]["seconds"] = time.perf_counter() - t0
-    return rows
+        t1 = time.perf_counter()
+        texts, tokens = hf.generate(s.model, s.tokenizer, batch, s.cfg.max_new_tokens,
+                                    s.ignore_eos)
+        s.phase["perturb"] += t1 - t0
+        s.phase["generate"] += time.perf_counter() - t1
+        texts_m.append(texts)
+        tokens_m.append(tokens)
+    return texts_m, tokens_m
+
+
+def _evaluate_lowrank(s: Session, group: list[int], seeds_n, signs_n, batch):
+    """Lowrank mode: the group's members x prompts in one generate on unmodified weights."""
+    m = len(group)
+    p = batch["input_ids"].shape[0]
+    big = {k: v.repeat(m, 1) for k, v in batch.items()}  # member-major rows
+    t0 = time.perf_counter()
+    with lowrank.population(s.matrices, s.replica.master, s.replica.noise,
+                            [int(seeds_n[i]) for i in group], [int(signs_n[i]) for i in group],
+                            s.cfg.sigma):
+        t1 = time.perf_counter()
+        texts, tokens = hf.generate(s.model, s.tokenizer, big, s.cfg.max_new_tokens,
+                                    s.ignore_eos)
+    s.phase["perturb"] += t1 - t0
+    s.phase["generate"] += time.perf_counter() - t1
+    return ([texts[k * p:(k + 1) * p] for k in range(m)],
+            [tokens[k * p:(k + 1) * p] for k in range(m)])
 
 
 def run_generation(s: Session, t: int) -> tuple[dict, int]:
@@ -151,6 +224,7 @@ def run_generation(s: Session, t: int) -> tuple[dict, int]:
     cfg, dist = s.cfg, s.dist
     n = cfg.population
     t_start = time.perf_counter()
+    moved = dist.bytes_moved
     seeds_n, signs_n = member_seeds(cfg.seed, t, n, cfg.antithetic)
     prompt_ids = prompt_ids_for(cfg, t, len(s.train))
     examples = [s.train[j] for j in prompt_ids]
@@ -158,11 +232,12 @@ def run_generation(s: Session, t: int) -> tuple[dict, int]:
                               s.device, s.task.templated(s.tokenizer))
 
     s.error = None
-    mine = members_of(dist.rank, dist.size, n)
-    local = evaluate_members(s, mine, seeds_n, signs_n, examples, batch)
+    groups = member_groups(cfg)
+    local = evaluate_members(s, groups_of(dist.rank, dist.size, groups), seeds_n, signs_n,
+                             examples, batch)
     t_eval = time.perf_counter()
 
-    counts = [len(members_of(r, dist.size, n)) for r in range(dist.size)]
+    counts = [sum(map(len, groups_of(r, dist.size, groups))) for r in range(dist.size)]
     rows = dist.allgather_rows(local, counts)
     rows = rows[np.argsort(rows["member"], kind="stable")]
     if (rows["status"] == REWARD_ERROR).any():
@@ -184,10 +259,10 @@ def run_generation(s: Session, t: int) -> tuple[dict, int]:
     check = 0
     if dist.is_root or check_due:
         check = s.replica.checksum()
-    status = dist.allgather((check if check_due else 0, s.stop.signum))
-    stop = next((sig for _, sig in status if sig), 0)
+    status = dist.allgather_ints([check if check_due else 0, s.stop.signum])
+    stop = next((int(sig) for sig in status[:, 1] if sig), 0)
     if check_due:
-        bad = [r for r, (c, _) in enumerate(status) if c != status[0][0]]
+        bad = [r for r, c in enumerate(status[:, 0]) if c != status[0, 0]]
         if bad:
             raise EsError(f"replicas diverged after generation {t}: weight checksum of rank(s) "
                           f"{', '.join(map(str, bad))} differs from rank 0; stop and resume "
@@ -199,9 +274,12 @@ def run_generation(s: Session, t: int) -> tuple[dict, int]:
         "eval_seconds": rows["seconds"], "eval_rank": rows["rank"], "prompt_ids": prompt_ids,
         "reward_mean": rewards_n.mean(), "reward_std": rewards_n.std(),
         "reward_min": rewards_n.min(), "reward_max": rewards_n.max(), "checksum": check,
-        "world_size": dist.size, "time_eval": t_eval - t_start, "time_gather": t_gather - t_eval,
+        "world_size": dist.size, "time_eval": t_eval - t_start,
+        "time_perturb": s.phase["perturb"], "time_generate": s.phase["generate"],
+        "time_score": s.phase["score"], "time_gather": t_gather - t_eval,
         "time_update": t_update - t_gather, "time_checksum": t_check - t_update,
         "time_io": 0.0, "time_total": 0.0, "timestamp": 0.0,
+        "comm_bytes": dist.bytes_moved - moved,
     }, stop
 
 
@@ -227,28 +305,19 @@ def write_generation(s: Session, writer: runfile.RunWriter, t: int, row: dict,
 
 
 def write_checkpoint(s: Session, writer: runfile.RunWriter, generation: int, check: int) -> None:
-    params = s.replica.master
-    writer.write_checkpoint(generation, check,
-                            ((n, params[n], s.base[n]) for n in params), s.cfg.keep_checkpoints)
+    writer.write_checkpoint(generation, check, s.replica.master, base_rows(s.base),
+                            s.cfg.keep_checkpoints)
 
 
-def format_seconds(sec: float) -> str:
-    sec = round(sec)
-    if sec < 60:
-        return f"{sec}s"
-    if sec < 3600:
-        return f"{sec // 60}m{sec % 60:02d}s"
-    return f"{sec // 3600}h{sec % 3600 // 60:02d}m"
+def base_rows(base: Mapping[str, torch.Tensor]):
+    """rows(name, r0, r1) of theta_0, each tensor seen as (first axis, rest)."""
+    if isinstance(base, BaseWeights):
+        return base.rows
 
-
-def progress_line(s: Session, t: int, row: dict) -> str:
-    s.seconds.append(row["time_total"])
-    left = s.cfg.generations - (t + 1)
-    eta = format_seconds(left * float(np.mean(s.seconds[-10:])))
-    width = len(str(s.cfg.generations))
-    return (f"gen {t + 1:>{width}}/{s.cfg.generations}  reward mean {row['reward_mean']:.4g} "
-            f"min {row['reward_min']:.4g} max {row['reward_max']:.4g}  "
-            f"{row['time_total']:.1f}s  ETA {eta}")
+    def rows(name: str, r0: int, r1: int) -> torch.Tensor:
+        t = base[name]
+        return t.reshape(t.shape[0] if t.dim() else 1, -1)[r0:r1].to("cpu", torch.float32)
+    return rows
 
 
 def held_out(s: Session, writer: runfile.RunWriter | None, generation: int) -> EvalResult:
@@ -279,24 +348,25 @@ def train_loop(s: Session, writer: runfile.RunWriter | None, start: int, fresh: 
 def _generations(s: Session, writer: runfile.RunWriter | None, start: int,
                  fresh: bool) -> None:
     every = s.cfg.eval_every
+    show = progress.current(s.dist.is_root)  # rank 0's lines (--quiet/--verbose)
     if every and fresh:
         result = held_out(s, writer, 0)
         if writer is not None:
             writer.f.flush()
-        s.dist.print0(f"gen 0: held-out {result.summary()}")
+        show.info(f"gen 0: held-out {result.summary()}")
     for t in range(start, s.cfg.generations):
         t_start = time.perf_counter()
-        row, stop = run_generation(s, t)
-        done = t + 1
-        result = None
-        if not stop and every and (done % every == 0 or done == s.cfg.generations):
-            result = held_out(s, writer, done)
+        with show.running(t, s.cfg.generations):  # a live status line on a terminal
+            row, stop = run_generation(s, t)
+            done = t + 1
+            result = None
+            if not stop and every and (done % every == 0 or done == s.cfg.generations):
+                result = held_out(s, writer, done)
+            if s.dist.is_root:
+                write_generation(s, writer, t, row, t_start)
         if s.dist.is_root:
-            write_generation(s, writer, t, row, t_start)
-            line = progress_line(s, t, row)
-            if result is not None:
-                line += f"  | held-out {result.summary()}"
-            s.dist.print0(line)
+            show.generation(t, s.cfg.generations, row,
+                            None if result is None else result.summary())
         if stop:
             raise Stopped(stop, done)
 

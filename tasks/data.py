@@ -36,6 +36,8 @@ def load_examples(path: str | Path, check: Callable[[Example], str | None],
         except json.JSONDecodeError as exc:
             raise EsError(f"task data {path}: invalid JSON at line {exc.lineno}: {exc.msg}"
                           ) from None
+        except RecursionError:
+            raise EsError(f"task data {path}: JSON nested too deeply") from None
         if not isinstance(data, list):
             raise EsError(f"task data {path}: expected a JSON list of objects")
         records = [(f"record {i + 1}", obj) for i, obj in enumerate(data)]
@@ -48,6 +50,9 @@ def load_examples(path: str | Path, check: Callable[[Example], str | None],
                 records.append((f"line {lineno}", json.loads(line)))
             except json.JSONDecodeError as exc:
                 raise EsError(f"task data {path}: line {lineno} is not valid JSON ({exc.msg})"
+                              ) from None
+            except RecursionError:
+                raise EsError(f"task data {path}: line {lineno}: JSON nested too deeply"
                               ) from None
     if not records:
         raise EsError(f"task data {path} holds no examples")

@@ -112,3 +112,28 @@ def test_es_improves_a_toy_objective():
             replica.restore()
         replica.update(seeds_n, signs_n, shape(rewards_n, "zscore"), lr=0.05)
     assert reward() > 0.1 * start  # start is about -20; at least 90% of the gap closed
+
+
+def test_mirror_member_is_the_same_with_or_without_its_pair_held():
+    """fp32 minus member = theta - (theta+ - theta): evaluating it right after its plus
+    (no noise made) or alone (another rank) gives the same weights, bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    params = {"w": torch.nn.Parameter(torch.randn(50, 30, generator=gen), requires_grad=False),
+              "h": torch.nn.Parameter(torch.randn(7, generator=gen).to(torch.bfloat16),
+                                      requires_grad=False)}
+    rep = Replica(params)
+    rep.perturb(21, 1, 0.01)
+    plus = {n: p.detach().clone() for n, p in params.items()}
+    rep.perturb(21, -1, 0.01)                       # after its pair: no noise made
+    after_pair = {n: p.detach().clone() for n, p in params.items()}
+    rep.restore()
+    rep.perturb(5, 1, 0.01)                         # someone else's member in between
+    rep.perturb(21, -1, 0.01)                       # alone
+    for n, p in params.items():
+        assert torch.equal(p.detach(), after_pair[n]), n
+    theta = rep.master["w"]
+    assert torch.equal(after_pair["w"], theta - (plus["w"] - theta))
+    eps = tensor_noise(21, "h", (7,), torch.device("cpu"))
+    assert torch.equal(after_pair["h"], rep.master["h"].add(eps, alpha=-0.01).to(torch.bfloat16))
+    rep.restore()
+    assert torch.equal(params["w"].detach(), rep.master["w"])

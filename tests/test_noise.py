@@ -49,3 +49,14 @@ def test_tensor_noise_is_standard_normal():
     x = tensor_noise(5, "w", torch.Size([200_000]), torch.device("cpu")).double()
     assert abs(x.mean().item()) < 0.01
     assert abs(x.std().item() - 1.0) < 0.01
+
+
+def test_noise_of_a_tensor_is_its_chunks_each_with_its_own_seed():
+    from es_mpi.noise import NOISE_CHUNK, chunk_noise, tensor_noise
+
+    shape = (3, NOISE_CHUNK // 2 + 5)  # 1.5 chunks and a bit
+    eps = tensor_noise(9, "w", torch.Size(shape), torch.device("cpu")).view(-1)
+    first = chunk_noise(9, "w", 0, torch.empty(NOISE_CHUNK))
+    rest = chunk_noise(9, "w", 1, torch.empty(eps.numel() - NOISE_CHUNK))
+    assert torch.equal(eps, torch.cat([first, rest]))
+    assert not torch.equal(first[:100], rest[:100])

@@ -44,11 +44,17 @@ def test_layout_is_plain_h5py(tmp_path):
     assert info.model_fingerprint == "abcd"
 
 
+def rows_of(tensors):
+    from es_mpi.train import base_rows
+
+    return base_rows(tensors)
+
+
 def test_uncommitted_generation_is_ignored_then_dropped(tmp_path):
     path = tmp_path / "run.h5"
     w = _write(path, generations=2)
     w.append_generation(2, _row(4, 2, 2))           # written, flushed, never committed
-    w.write_checkpoint(3, 0, iter([]), keep=2)      # a checkpoint beyond the commit, too
+    w.write_checkpoint(3, 0, {}, rows_of({}), keep=2)  # a checkpoint beyond the commit, too
     w.close()
     assert runfile.read_info(path).complete_generations == 2
     assert runfile.read_info(path).checkpoints == []
@@ -66,7 +72,7 @@ def test_checkpoint_is_bit_exact_even_where_delta_rounds(tmp_path):
              "b": theta0["b"] + 1e-4 * torch.randn(3, 4)}
     path = tmp_path / "run.h5"
     w = _write(path, generations=2)
-    w.write_checkpoint(2, checksum(theta), ((n, theta[n], theta0[n]) for n in theta), keep=2)
+    w.write_checkpoint(2, checksum(theta), theta, rows_of(theta0), keep=2)
     w.close()
     with h5py.File(path, "r") as f:
         group = f["checkpoints/00000002"]
@@ -85,7 +91,7 @@ def test_keep_checkpoints_drops_the_oldest(tmp_path):
     w = _write(path, generations=5)
     t = {"w": torch.zeros(1000)}
     for g in range(1, 6):
-        w.write_checkpoint(g, 0, ((n, v + g, v) for n, v in t.items()), keep=2)
+        w.write_checkpoint(g, 0, {n: v + g for n, v in t.items()}, rows_of(t), keep=2)
     w.close()
     assert runfile.read_info(path).checkpoints == [4, 5]
 
@@ -133,3 +139,20 @@ def test_readers_work_while_a_run_writes_and_a_second_writer_is_refused(tmp_path
         assert "is open in another process" in second.stderr
     finally:
         writer.close()
+
+
+def test_checkpoint_of_tensors_larger_than_a_write_block(tmp_path):
+    """Tensors written and read back a block of rows at a time (5M elements > 4M)."""
+    gen = torch.Generator().manual_seed(0)
+    theta0 = {"big": torch.randn(2500, 2000, generator=gen), "vec": torch.randn(7, generator=gen),
+              "odd": torch.randn(3, 5, 4, generator=gen)}
+    theta = {n: t + 1e-3 * torch.randn(t.shape, generator=gen) for n, t in theta0.items()}
+    theta["big"][2499, 1999] = 1e-30  # a fix-up in the last block
+    path = tmp_path / "run.h5"
+    w = _write(path, generations=1)
+    w.write_checkpoint(1, checksum(theta), theta, rows_of(theta0), keep=2)
+    w.close()
+    master = {n: t.clone() for n, t in theta0.items()}
+    runfile.apply_checkpoint_(path, 1, master)
+    for n in theta:
+        assert torch.equal(master[n], theta[n]), n

@@ -21,7 +21,8 @@ CHAT_TEMPLATE = (
 
 
 def make_tiny_model(path: str | Path, seed: int = 0, tie: bool = False,
-                    dtype: torch.dtype = torch.float32) -> Path:
+                    dtype: torch.dtype = torch.float32, hidden_size: int = 32,
+                    layers: int = 2) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -40,7 +41,8 @@ def make_tiny_model(path: str | Path, seed: int = 0, tie: bool = False,
     fast.save_pretrained(path)
 
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=tie, initializer_range=0.2, eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id,
