@@ -7,8 +7,9 @@ member i:
     Linear     y = x W^T + b     ->  y + sigma/sqrt(r) * (x B_i) A_i^T
     Embedding  e = W[ids]        ->  e + sigma/sqrt(r) * A_i[ids] B_i^T
 
-The batch is member-major (member 0's prompts, then member 1's, ...), so rows reshape
-to (members, rows per member, ...) and two thin batched matmuls do the work. The
+The batch is member-major (member 0's prompts, then member 1's, ...). Each hook does two
+thin GEMMs against all members' factors side by side, masked so a row keeps only its own
+member's columns. The
 weights stay untouched: every member and every prompt share one `generate` call.
 Tied weights (an embedding reused as the LM head) are one parameter, so both uses get
 the same factors, as the materialized W + sigma A B^T / sqrt(r) would.
@@ -41,27 +42,36 @@ def perturbed_matrices(model: torch.nn.Module) -> dict[str, list[torch.nn.Module
     return dict(sorted(found.items(), key=lambda kv: order.index(kv[0])))
 
 
-def _linear_hook(a: torch.Tensor, b: torch.Tensor):
-    """a: (M, out, r) scaled by sign*sigma/sqrt(r); b: (M, in, r)."""
-    members = a.shape[0]
+def _row_scales(coef: torch.Tensor, rank: int, batch: int) -> torch.Tensor:
+    """(batch, 1, M*r): row k (member k // P) keeps its own member's r columns, scaled
+    by sign*sigma/sqrt(r), and zeroes every other member's."""
+    members = coef.shape[0]
+    own = torch.zeros(members, members * rank, dtype=coef.dtype, device=coef.device)
+    for m in range(members):
+        own[m, m * rank:(m + 1) * rank] = coef[m]
+    return own.repeat_interleave(batch // members, dim=0).unsqueeze(1)
+
+
+def _hook(a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor, rank: int, embedding: bool):
+    """a: (out, M*r), b: (in, M*r), every member's factors side by side.
+
+    One GEMM against all members' factors, masked to each row's own member, then one
+    GEMM back: M*r*(in + out) extra multiply-adds per row, a few percent of the layer.
+    """
+    cache: dict[int, torch.Tensor] = {}
 
     def hook(module, inputs, output):
-        x = inputs[0]
-        xm = x.reshape(members, -1, x.shape[-1])
-        delta = torch.bmm(torch.bmm(xm, b), a.transpose(1, 2))
-        return output + delta.reshape(output.shape)
-    return hook
-
-
-def _embedding_hook(a: torch.Tensor, b: torch.Tensor):
-    """a: (M, vocab, r) scaled by sign*sigma/sqrt(r); b: (M, hidden, r)."""
-    members = a.shape[0]
-
-    def hook(module, inputs, output):
-        ids = inputs[0].reshape(members, -1)
-        rows = torch.gather(a, 1, ids.unsqueeze(-1).expand(-1, -1, a.shape[-1]))
-        delta = torch.bmm(rows, b.transpose(1, 2))
-        return output + delta.reshape(output.shape)
+        batch = output.shape[0]
+        if batch not in cache:
+            cache[batch] = _row_scales(coef, rank, batch)
+        if embedding:   # e = W[ids]: the rows of A picked by the ids, against B
+            low, back = torch.nn.functional.embedding(inputs[0], a), b
+        else:
+            low, back = inputs[0] @ b, a
+        low *= cache[batch]
+        # in place: the module's output is a fresh tensor that nothing else holds yet
+        output.view(-1, output.shape[-1]).addmm_(low.view(-1, low.shape[-1]), back.T)
+        return output
     return hook
 
 
@@ -77,13 +87,13 @@ def population(matrices: dict[str, list[torch.nn.Module]], master: dict[str, tor
             theta = master[name]
             weight = modules[0].weight
             pairs = [noise.factors(seed, name, theta) for seed in seeds]
-            a = torch.stack([a for a, _ in pairs]).to(weight.device, weight.dtype)
-            b = torch.stack([b for _, b in pairs]).to(weight.device, weight.dtype)
-            a *= torch.tensor([sign * sigma * noise.scale for sign in signs], dtype=weight.dtype,
-                              device=weight.device).view(-1, 1, 1)
+            a = torch.cat([a for a, _ in pairs], dim=1).to(weight.device, weight.dtype)
+            b = torch.cat([b for _, b in pairs], dim=1).to(weight.device, weight.dtype)
+            coef = torch.tensor([sign * sigma * noise.scale for sign in signs],
+                                dtype=weight.dtype, device=weight.device)
             for module in modules:
-                make = _embedding_hook if isinstance(module, torch.nn.Embedding) else _linear_hook
-                handles.append(module.register_forward_hook(make(a, b)))
+                hook = _hook(a, b, coef, noise.rank, isinstance(module, torch.nn.Embedding))
+                handles.append(module.register_forward_hook(hook))
         yield
     finally:
         for handle in handles:
