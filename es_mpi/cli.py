@@ -87,9 +87,13 @@ def _presets_epilog() -> str:
             "flags override them; give --model DIR):\n\n\b\n" + presets.help_text())
 
 
+# line breaks other than \n (str.splitlines splits on them too), shown escaped
+_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
 def _one_line(text: object) -> str:
-    """An error message on one line (paths or library messages may hold newlines)."""
-    return re.sub(r"\s*\n\s*", " ", str(text).strip())
+    """An error message on one line (paths or library messages may hold line breaks)."""
+    return re.sub(r"\s*\n\s*", " ", str(text).strip()).translate(_BREAKS)
 
 
 def _launcher_rank() -> int:

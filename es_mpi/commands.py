@@ -202,7 +202,7 @@ def evaluate_target(target: str, overrides: dict, limit: int, as_json: bool,
         cfg = info.config.replace(**overrides)
         generation = info.complete_generations
         if at:
-            if not gen_text.isdigit() or int(gen_text) > generation:
+            if not gen_text.isdecimal() or int(gen_text) > generation:
                 raise EsError(f"{target}: generation must be an integer in 0..{generation}")
             generation = int(gen_text)
     elif at:

@@ -16,6 +16,9 @@ from contextlib import contextmanager
 
 from tasks import Example, Task
 
+# bigger rewards would overflow the population's mean and variance (NaN weights)
+MAX_REWARD = 1e150
+
 
 class RewardTimeout(BaseException):
     """Not an Exception, so a reward's own `except Exception:` cannot swallow the deadline."""
@@ -60,11 +63,17 @@ def score(task: Task, completions: list[str], examples: list[Example], timeout: 
     if len(values) != len(completions):
         return None, (f"task {task.name}: rewards() returned {len(values)} values for "
                       f"{len(completions)} completions ({where})")
+    rewards = []
     for value in values:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             return None, (f"task {task.name}: reward returned {value!r} "
                           f"({type(value).__name__}) ({where}); rewards must be finite numbers")
-        if not math.isfinite(value):
-            return None, (f"task {task.name}: reward returned {value} ({where}); "
-                          "rewards must be finite numbers")
-    return [float(v) for v in values], None
+        try:
+            number = float(value)
+        except (OverflowError, ValueError):  # e.g. a Fraction beyond the float range
+            number = math.inf
+        if not math.isfinite(number) or abs(number) > MAX_REWARD:
+            return None, (f"task {task.name}: reward returned {str(value)[:40]} ({where}); "
+                          f"rewards must be finite numbers within +-{MAX_REWARD:g}")
+        rewards.append(number)
+    return rewards, None

@@ -362,8 +362,8 @@ class RunWriter:
         if room < nbytes + margin:
             mib = 1 << 20
             raise RunFileFull(
-                f"run file {self.path}: no room to write {what}: {room / mib:.1f} MiB "
-                f"available, about {(nbytes + margin) / mib:.1f} MiB needed (disk full or "
+                f"run file {self.path}: no room to write {what}: {room / mib:.2f} MiB "
+                f"available, about {(nbytes + margin) / mib:.2f} MiB needed (disk full or "
                 f"file size limit); it was not committed and the file holds "
                 f"{self.complete_generations} complete generations. Free some space, then "
                 f"continue with: es-mpi resume {self.path}")

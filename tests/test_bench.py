@@ -1,0 +1,40 @@
+"""es-mpi bench on a tiny model: every mode runs and reports what the README table shows."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+
+
+def test_bench_runs_every_mode_and_writes_json(tiny_model, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli(["bench", "--model", tiny_model, "--population", "4", "--prompts", "2",
+                      "--max-new-tokens", "3", "--threads", "1", "--antithetic",
+                      "--json", out])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    modes = report["modes"]
+    assert list(modes) == ["inference", "lowrank", "full", "paper"]
+    for mode, r in modes.items():
+        # EOS ignored: every mode generated N x P x T tokens
+        assert r["tokens"] == 4 * 2 * 3, mode
+        assert r["seconds"] > 0 and r["peak_rss_bytes"] > r["model_bytes"] > 0
+        assert r["threads"] == 1
+    assert modes["inference"]["ratio_to_inference"] == 1.0
+    assert modes["paper"]["speedup_over_paper"] == 1.0
+    for mode in ("lowrank", "full"):
+        assert {"perturb", "generate", "update", "checksum", "io"} <= set(modes[mode]["phases"])
+        assert modes[mode]["checkpoint_seconds"] > 0
+    assert {"perturb", "generate", "restore", "update"} == set(modes["paper"]["phases"])
+    # traffic per rank: O(N) scalars, nothing that depends on the model
+    assert report["comm_bytes_per_rank"]["2"] == {"sent": 2 * 48 + 16, "received": 4 * 48 + 32}
+    assert "| lowrank |" in result.stdout and "x inference" in result.stdout
+
+
+def test_bench_bad_mode_is_one_error_line(tiny_model):
+    result = run_cli(["bench", "--model", tiny_model, "--modes", "inference,fast"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "es-mpi: error: --modes: unknown mode(s) fast; choose from inference, lowrank, full, "
+        "paper"]
