@@ -99,9 +99,12 @@ def generate(model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: i
     """
     from transformers import GenerationConfig
 
-    eos = [] if ignore_eos else _eos_ids(model, tokenizer)
+    eos = _eos_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=eos or None)
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=eos or None,
+                              min_new_tokens=max_new_tokens if ignore_eos else 0)
+    if ignore_eos:
+        eos = []
     out = model.generate(**batch, generation_config=config)
     new = out[:, batch["input_ids"].shape[1]:].cpu()
     tokens = []
