@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,29 @@ def run_python_mpi(script: Path, args: list[str], np: int,
         pytest.skip("mpiexec not found")
     cmd = [MPIEXEC, "-n", str(np), sys.executable, str(script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env())
+
+
+def train_with_rank1_reward(model, tmp_path: Path, statement: str,
+                            timeout: float) -> tuple[subprocess.CompletedProcess, Path]:
+    """`es-mpi train` on 2 ranks whose conciseness reward runs `statement` on rank 1 (and
+    scores 0.0 on rank 0): (the finished job, its run file)."""
+    script = tmp_path / "rank1_reward.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from mpi4py import MPI
+        from tasks.conciseness import Conciseness
+        from es_mpi.cli import cli
+
+        def reward(self, completion, example):
+            if MPI.COMM_WORLD.rank == 1:
+                {statement}
+            return 0.0
+
+        Conciseness.reward = reward
+        cli(sys.argv[1:])
+    """))
+    run = tmp_path / "r.h5"
+    result = run_python_mpi(script, ["train", "--model", model, "--run", run,
+                                     "--population", "4", "--max-new-tokens", "3"],
+                            np=2, timeout=timeout)
+    return result, run

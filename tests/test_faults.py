@@ -23,7 +23,10 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import ES_MPI, MPIEXEC, cli_env, run_cli, run_python_mpi
+from conftest import ES_MPI, MPIEXEC, cli_env, run_cli, train_with_rank1_reward
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
+from soak import rank_pids
 
 from es_mpi import runfile
 from es_mpi.cli import cli
@@ -106,22 +109,6 @@ def digest(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -161,22 +148,8 @@ class Job:
             time.sleep(0.05)
 
     def rank_pids(self, n: int = 2) -> dict[int, int]:
-        """{rank: pid} of the ranks under mpiexec (PMI_RANK in their environment)."""
-        deadline = time.monotonic() + 30
-        while True:
-            found = {}
-            for pid in _descendants(self.proc.pid):
-                try:
-                    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                for item in env:
-                    if item.startswith(b"PMI_RANK="):
-                        found[int(item[len(b"PMI_RANK="):])] = pid
-            if len(found) == n:
-                return found
-            assert time.monotonic() < deadline, f"ranks not found: {found}"
-            time.sleep(0.1)
+        """{rank: pid} of the ranks under mpiexec (tools/soak.py finds them)."""
+        return rank_pids(self.proc.pid, n)
 
     def ended_within(self, seconds: float) -> tuple[int, float, str, str]:
         """Wait for the job: (exit status, seconds it took, stdout, stderr)."""
@@ -521,25 +494,8 @@ def test_newer_format_version_is_refused_naming_both_versions(reference, tmp_pat
 def test_reward_calling_exit_on_one_rank_stops_every_rank(tiny_model, tmp_path):
     """sys.exit() inside reward code on rank 1 only: reported like any failing reward (both
     ranks exit 2 with its message), never a job that waits forever for rank 1."""
-    script = tmp_path / "exit_on_rank1.py"
-    script.write_text(textwrap.dedent("""
-        import sys
-        from mpi4py import MPI
-        from tasks.conciseness import Conciseness
-        from es_mpi.cli import cli
-
-        def reward(self, completion, example):
-            if MPI.COMM_WORLD.rank == 1:
-                sys.exit(0)
-            return 0.0
-
-        Conciseness.reward = reward
-        cli(sys.argv[1:])
-    """))
-    run = tmp_path / "r.h5"
-    result = run_python_mpi(script, ["train", "--model", tiny_model, "--run", run,
-                                     "--population", "4", "--max-new-tokens", "3"],
-                            np=2, timeout=END_WITHIN)
+    result, run = train_with_rank1_reward(tiny_model, tmp_path, "sys.exit(0)",
+                                          timeout=END_WITHIN)
     assert result.returncode == 2, result.stderr
     assert_one_error_line(result.stderr, "reward raised SystemExit: 0 (member 1, rank 1)")
     assert complete(run) == 0

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, run_python_mpi
+from conftest import run_cli, run_python_mpi, train_with_rank1_reward
 
 from es_mpi.es import checksum
 
@@ -174,25 +174,8 @@ def test_inspect_json_matches_the_file(run_n2):
 def test_a_failing_reward_on_one_rank_stops_every_rank(tiny_model, tmp_path):
     """User reward code raising on rank 1 only: both ranks exit 2 with its message, no hang,
     and the run file holds no generation evaluated with it."""
-    script = tmp_path / "raise_on_rank1.py"
-    script.write_text(textwrap.dedent("""
-        import sys
-        from mpi4py import MPI
-        from tasks.conciseness import Conciseness
-        from es_mpi.cli import cli
-
-        def reward(self, completion, example):
-            if MPI.COMM_WORLD.rank == 1:
-                raise ValueError("broken scorer")
-            return 0.0
-
-        Conciseness.reward = reward
-        cli(sys.argv[1:])
-    """))
-    run = tmp_path / "r.h5"
-    result = run_python_mpi(script, ["train", "--model", tiny_model, "--run", run,
-                                     "--population", "4", "--max-new-tokens", "3"],
-                            np=2, timeout=120)
+    result, run = train_with_rank1_reward(tiny_model, tmp_path,
+                                          'raise ValueError("broken scorer")', timeout=120)
     assert result.returncode != 0
     assert "reward raised ValueError: broken scorer (member 1, rank 1)" in result.stderr
     assert result.stderr.count("es-mpi: error:") == 1
