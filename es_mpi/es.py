@@ -148,7 +148,8 @@ class Replica:
         self._work: dict[torch.device, torch.Tensor] | None = None
 
     def _shares(self, name: str) -> bool:
-        return self.master[name] is self.params[name].data
+        # `p.data` is a new tensor object on each access: compare storage, not identity
+        return self.master[name].data_ptr() == self.params[name].data_ptr()
 
     @torch.no_grad()
     def perturb(self, seed: int, sign: int, sigma: float) -> None:
