@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from es_mpi.runfile import ROW_BLOCK, as_rows
+
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16}
 
@@ -56,8 +58,8 @@ class BaseWeights(Mapping):
 
     def _same(self, name: str, p: torch.Tensor) -> bool:
         """Whether the file reproduces the loaded parameter bit for bit (read in blocks)."""
-        flat = p.detach().reshape(p.shape[0], -1)
-        step = max(1, (1 << 22) // flat.shape[1])
+        flat = as_rows(p.detach())
+        step = max(1, ROW_BLOCK // max(1, flat.shape[1]))
         for r0 in range(0, flat.shape[0], step):
             part = self._read(name, r0, r0 + step).to(p.dtype).reshape(-1, flat.shape[1])
             if not torch.equal(part, flat[r0:r0 + step].cpu()):
@@ -92,10 +94,9 @@ class BaseWeights(Mapping):
     def rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
         """Rows r0..r1 of theta_0[name] as fp32, shaped (rows, rest flattened)."""
         if name in self._held:
-            t = self._held[name]
-            return t.reshape(t.shape[0] if t.dim() else 1, -1)[r0:r1]
+            return as_rows(self._held[name])[r0:r1]
         part = self._read(name, r0, r1).to(self._dtype[name]).to(torch.float32)
-        return part.reshape(part.shape[0] if part.dim() else 1, -1)
+        return part.reshape(part.shape[0], -1)  # only tensors with a first axis are read
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self._held:

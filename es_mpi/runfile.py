@@ -231,6 +231,14 @@ def read_evals(path: str | Path) -> dict[str, np.ndarray]:
         return {name: f["eval"][name][...][keep] for name in EVAL_FIELDS}
 
 
+ROW_BLOCK = 1 << 22  # elements per block when a checkpoint tensor is written or read
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor as a (first axis, the rest) view; a 0-d tensor as one row."""
+    return t.view(t.shape[0] if t.dim() else 1, -1)
+
+
 def apply_checkpoint_(path: str | Path, generation: int,
                       master: dict[str, torch.Tensor]) -> None:
     """Turn `master` (holding theta_0, fp32) into theta_generation in place, bit-exact:
@@ -243,11 +251,12 @@ def apply_checkpoint_(path: str | Path, generation: int,
                 raise EsError(f"run file {path}: checkpoint {generation} has no tensor {name!r}; "
                               "was the run made with another model?")
             ds = group[name]
-            if theta.dim() == 0:
-                theta.add_(torch.from_numpy(ds[...]).to(theta.device))
-            step = max(1, (1 << 22) // max(1, theta[0].numel())) if theta.dim() else 0
-            for r0 in range(0, theta.shape[0] if theta.dim() else 0, step):
-                theta[r0:r0 + step].add_(torch.from_numpy(ds[r0:r0 + step]).to(theta.device))
+            rows = as_rows(theta)
+            step = max(1, ROW_BLOCK // max(1, rows.shape[1]))
+            for r0 in range(0, rows.shape[0], step):
+                part = np.asarray(ds[r0:r0 + step] if theta.dim() else ds[()])
+                rows[r0:r0 + step].add_(
+                    torch.from_numpy(part).view(-1, rows.shape[1]).to(theta.device))
             if name in fixups:
                 index = torch.from_numpy(fixups[name]["index"][...]).to(theta.device)
                 value = torch.from_numpy(fixups[name]["value"][...]).to(theta.device)
@@ -414,8 +423,8 @@ class RunWriter:
             ds = group.create_dataset(name, shape=tuple(theta.shape), dtype="f4", chunks=chunks,
                                       shuffle=chunks is not None,
                                       compression="lzf" if chunks else None)
-            flat = theta.detach().reshape(theta.shape[0] if theta.dim() else 1, -1)
-            step = max(1, (1 << 22) // max(1, flat.shape[1]) // chunks[0] * chunks[0]) \
+            flat = as_rows(theta.detach())
+            step = max(1, ROW_BLOCK // max(1, flat.shape[1]) // chunks[0] * chunks[0]) \
                 if chunks else 1
             wrong_i, wrong_v = [], []
             for r0 in range(0, flat.shape[0], step):

@@ -315,8 +315,7 @@ def base_rows(base: Mapping[str, torch.Tensor]):
         return base.rows
 
     def rows(name: str, r0: int, r1: int) -> torch.Tensor:
-        t = base[name]
-        return t.reshape(t.shape[0] if t.dim() else 1, -1)[r0:r1].to("cpu", torch.float32)
+        return runfile.as_rows(base[name])[r0:r1].to("cpu", torch.float32)
     return rows
 
 

@@ -145,7 +145,7 @@ def test_checkpoint_of_tensors_larger_than_a_write_block(tmp_path):
     """Tensors written and read back a block of rows at a time (5M elements > 4M)."""
     gen = torch.Generator().manual_seed(0)
     theta0 = {"big": torch.randn(2500, 2000, generator=gen), "vec": torch.randn(7, generator=gen),
-              "odd": torch.randn(3, 5, 4, generator=gen)}
+              "odd": torch.randn(3, 5, 4, generator=gen), "scalar": torch.randn((), generator=gen)}
     theta = {n: t + 1e-3 * torch.randn(t.shape, generator=gen) for n, t in theta0.items()}
     theta["big"][2499, 1999] = 1e-30  # a fix-up in the last block
     path = tmp_path / "run.h5"
