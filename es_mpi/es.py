@@ -187,13 +187,6 @@ class Replica:
                 p.data.copy_(self.master[name])
         self._perturbed = None
 
-    @torch.no_grad()
-    def load_master(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Replace the master (e.g. from a checkpoint) and sync the parameters."""
-        for name, theta in self.master.items():
-            theta.copy_(tensors[name])
-        self.restore()
-
     def update(self, seeds_n, signs_n, z_n, lr, weight_decay=0.0, anchor=None) -> None:
         es_update_(self.master, seeds_n, signs_n, z_n, lr, weight_decay, anchor, self.noise)
         self.restore()

@@ -38,8 +38,7 @@ def perturbed_matrices(model: torch.nn.Module) -> dict[str, list[torch.nn.Module
             name = names.get(id(module.weight))
             if name is not None and module.weight.dim() == 2:
                 found.setdefault(name, []).append(module)
-    order = list(names.values())
-    return dict(sorted(found.items(), key=lambda kv: order.index(kv[0])))
+    return {name: found[name] for name in names.values() if name in found}
 
 
 def _row_scales(coef: torch.Tensor, rank: int, batch: int) -> torch.Tensor:
