@@ -11,12 +11,13 @@ from __future__ import annotations
 from es_mpi.errors import EsError
 from tasks.arithmetic import Arithmetic
 from tasks.base import Example, Task
-from tasks.conciseness import Conciseness
+from tasks.conciseness import Conciseness, ConcisenessCorrect
 from tasks.countdown import Countdown
 
 TASKS: dict[str, type[Task]] = {
     "arithmetic": Arithmetic,
     "conciseness": Conciseness,
+    "conciseness-correct": ConcisenessCorrect,
     "countdown": Countdown,
 }
 

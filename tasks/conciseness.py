@@ -1,12 +1,23 @@
 """Conciseness (the paper's first experiment): answer as briefly as a short reference.
 
 Reward = -|len(completion) - len(answer)| in characters, after stripping surrounding
-whitespace from the completion (0 is best). Training prompts default to the paper's two;
-the held-out prompts are other short-answer questions, never trained on. A JSON/JSONL
-file of {"prompt": ..., "answer": ...} objects replaces both (see tasks/data.py).
+whitespace from the completion (0 is best). It scores length only: a short wrong answer
+beats a long right one.
+
+`conciseness-correct` scores the same examples for a correct *and* short answer:
+1 when the answer appears in the completion as a whole word (case-insensitive), plus
+0.5 * min(len(completion), len(answer)) / max(len(completion), len(answer)). A correct
+answer scores in (1, 1.5] (1.5: exactly the answer), a wrong one at most 0.5, so
+`solved_reward` = 1 and held-out accuracy is the share answered correctly.
+
+Training prompts default to the paper's two; the held-out prompts are other short-answer
+questions, never trained on. A JSON/JSONL file of {"prompt": ..., "answer": ...} objects
+replaces both (see tasks/data.py).
 """
 
 from __future__ import annotations
+
+import re
 
 from tasks.base import Example, Task
 from tasks.data import load_examples, require
@@ -47,3 +58,22 @@ class Conciseness(Task):
 
     def reward(self, completion: str, example: Example) -> float:
         return -float(abs(len(completion.strip()) - len(example["answer"])))
+
+
+BREVITY_WEIGHT = 0.5  # < 1, so that no wrong answer outscores a right one
+
+
+def contains_answer(completion: str, answer: str) -> bool:
+    """`answer` occurs in `completion` as a whole word or number, ignoring case."""
+    pattern = r"(?<!\w)" + re.escape(answer.strip()) + r"(?!\w)"
+    return re.search(pattern, completion, flags=re.IGNORECASE) is not None
+
+
+class ConcisenessCorrect(Conciseness):
+    name = "conciseness-correct"
+    solved_reward = 1.0
+
+    def reward(self, completion: str, example: Example) -> float:
+        text, answer = completion.strip(), example["answer"]
+        brevity = min(len(text), len(answer)) / max(len(text), len(answer), 1)
+        return float(contains_answer(text, answer)) + BREVITY_WEIGHT * brevity

@@ -1,7 +1,9 @@
 import pytest
 
+from es_mpi import presets
 from es_mpi.config import Config, load_toml
 from es_mpi.errors import EsError
+from tasks import get_task
 
 
 def test_defaults_are_valid_and_round_trip():
@@ -60,3 +62,18 @@ def test_trajectory_differences_ignore_resumable_fields():
     b = a.replace(generations=50, checkpoint_every=3, model="elsewhere", run="x.h5")
     assert a.trajectory_differences(b) == []
     assert a.trajectory_differences(b.replace(sigma=0.02, seed=1)) == ["sigma", "seed"]
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_every_shipped_preset_is_a_valid_config_of_a_known_task(name):
+    values = presets.load(name)
+    cfg = Config.from_dict({**values, "model": "m"})
+    assert presets.description(name) and name in presets.help_text()
+    task = get_task(cfg.task, data=cfg.task_data or None)
+    assert task.train_examples() and task.eval_examples()
+    assert cfg.batch_size <= len(task.train_examples())
+
+
+def test_unknown_preset_lists_the_shipped_ones():
+    with pytest.raises(EsError, match=r"choose one of .*reasoning-lowrank-cpu"):
+        presets.load("reasoning")

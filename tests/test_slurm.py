@@ -29,6 +29,8 @@ import pytest
 from conftest import BIN, cli_env
 from test_mpi import assert_same_trajectory, rows
 
+from es_mpi import runfile
+
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,3 +227,34 @@ def test_bad_input_fails_the_job_without_requeue(env, tmp_path):
     assert info["Restarts"] == "0", text
     assert text.count("es-mpi: error:") >= 1 and "es-mpi exited with status 2" in text
     assert not (tmp_path / "run.h5").exists()
+
+
+def test_sweep_recipe_runs_one_array_task_per_grid_point_then_the_report(env, tmp_path):
+    """tools/experiments.py sweep: slurm/sweep_array.sbatch as a real job array (2 sigmas x
+    2 lrs, one rank each), each grid point its own complete run file, then the overlay."""
+    cmd = [sys.executable, str(REPO / "tools/experiments.py"), "sweep",
+           "--model", env["TINY_MODEL"], "--sigmas", "0.01", "0.02", "--lrs", "0.01", "0.03",
+           "--generations", "2", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                          timeout=2 * JOB_TIMEOUT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    grid = [(s, lr) for lr in ("0.01", "0.03") for s in ("0.01", "0.02")]
+    logs = sorted((tmp_path / "sweep").glob("slurm-es-mpi-sweep-*_*.out"))
+    assert len(logs) == len(grid), done.stdout
+    for sigma, lr in grid:
+        info = runfile.read_info(tmp_path / "sweep" / f"run_sigma{sigma}_lr{lr}.h5")
+        assert info.complete_generations == 2
+        assert (info.config.sigma, info.config.lr) == (float(sigma), float(lr))
+        assert (info.config.task, info.config.mode) == ("conciseness", "lowrank")
+        assert f"| lowrank | {sigma} | {lr} | 0 |" in done.stdout
+    summary = (tmp_path / "sweep/report/summary.md").read_text()
+    assert all(f"sigma={s}" in summary for s in ("0.01", "0.02"))
+    assert (tmp_path / "sweep/report/heldout.png").stat().st_size > 0
+
+
+def test_sweep_recipe_without_sbatch_says_how_to_get_a_cluster(tmp_path):
+    env = dict(cli_env(), PATH=str(tmp_path))
+    done = subprocess.run([sys.executable, str(REPO / "tools/experiments.py"), "sweep"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "sbatch is not on PATH" in done.stderr and "slurm_cluster.sh start" in done.stderr

@@ -18,6 +18,24 @@ def test_conciseness_reward_is_length_gap_of_the_completion():
     assert not train & {e["prompt"] for e in task.eval_examples()}
 
 
+def test_conciseness_correct_ranks_every_right_answer_above_every_wrong_one():
+    task = get_task("conciseness-correct")
+    assert task.train_examples() == get_task("conciseness").train_examples()
+    lion = {"prompt": "Which animal is known as the king of the jungle?", "answer": "Lion"}
+    right = ["Lion", "lion.", "The king of the jungle is the lion.", "(lion) " + "x" * 500]
+    wrong = ["Tiger", "Lio", "Lions", "The jaguar.", "", "xlion", "Li-on"]
+    assert task.reward("Lion", lion) == 1.5 and task.reward("  LION\n", lion) == 1.5
+    assert task.reward("lion.", lion) == 1.0 + 0.5 * 4 / 5
+    assert task.reward("", lion) == 0.0 and task.reward("Lio", lion) == 0.5 * 3 / 4
+    assert min(task.reward(c, lion) for c in right) > task.solved_reward
+    assert max(task.reward(c, lion) for c in wrong) <= 0.5 < task.solved_reward
+    # shorter is better among right answers, and among wrong ones
+    assert task.reward("It is the lion.", lion) > task.reward(right[2], lion)
+    assert task.reward("Tiger", lion) > task.reward("The jaguar, clearly.", lion)
+    number = {"prompt": "What is 9 plus 6?", "answer": "15"}
+    assert task.reward("9 plus 6 is 15.", number) > 1 > task.reward("9 plus 6 is 150.", number)
+
+
 def test_prompt_uses_the_chat_template_or_raw_text(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     task = Conciseness()

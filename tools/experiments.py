@@ -1,15 +1,23 @@
 """Experiment recipes for docs/results.md: one command each, the same numbers every time.
 
     python tools/experiments.py conciseness [--mode lowrank|full] [--seeds 0 1 2]
+                                            [--task conciseness|conciseness-correct]
+    python tools/experiments.py reasoning --task arithmetic|countdown [--seeds 0]
+    python tools/experiments.py sweep [--sigmas ...] [--lrs ...]  # Slurm job array
     python tools/experiments.py table RUN.h5 [RUN.h5 ...]     # the results table again
     python tools/experiments.py samples RUN.h5 [--generation G]  # before/after completions
 
 `conciseness` trains the demo model (demo/model, `make demo` prepares it) with the
-`conciseness-lowrank-cpu` preset (or its settings in --mode full) once per seed under
-`mpiexec -n 2` with one thread per rank, writes results/conciseness-MODE-sSEED.h5, the
-overlay report results/conciseness-MODE/ and prints the markdown table. Runs already
-complete are not trained again (delete the file to redo one). Rewards and weights are
-bit-identical on the same hardware; only the wall times vary.
+`conciseness-lowrank-cpu` preset (or its settings in --mode full, or with the
+correct-and-short reward of --task conciseness-correct) once per seed under
+`mpiexec -n 2` with one thread per rank, writes results/TASK-MODE-sSEED.h5, the overlay
+report results/TASK-MODE/ and prints the markdown table. `reasoning` does the same with
+the `reasoning-lowrank-cpu` preset on arithmetic or Countdown. `sweep` submits
+slurm/sweep_array.sbatch as a job array to the Slurm cluster in SLURM_CONF (a local one:
+`tools/slurm_cluster.sh start`), one rank per grid point, waits for it, then writes the
+overlay report results/sweep/report and the table. Runs already complete are not trained
+again (delete the file to redo one). Rewards and weights are bit-identical on the same
+hardware, whatever the number of ranks; only the wall times vary.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,15 +36,16 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list, env: dict | None = None) -> None:
     print("$", " ".join(map(str, cmd)), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
     subprocess.run([str(c) for c in cmd], check=True, env=env)
 
 
-def train(model: str, out: Path, mode: str, seed: int, ranks: int, extra: list[str]) -> Path:
-    path = out / f"conciseness-{mode}-s{seed}.h5"
-    cmd = [BIN / "es-mpi", "train", "--preset", "conciseness-lowrank-cpu", "--model", model,
+def train(preset: str, task: str, model: str, out: Path, mode: str, seed: int, ranks: int,
+          extra: list[str]) -> Path:
+    path = out / f"{task}-{mode}-s{seed}.h5"
+    cmd = [BIN / "es-mpi", "train", "--preset", preset, "--task", task, "--model", model,
            "--mode", mode, "--seed", str(seed), "--run", path, *extra]
     if ranks > 1:
         cmd = [BIN / "mpiexec", "-n", str(ranks), *cmd]
@@ -50,13 +60,15 @@ def summarize(path: Path) -> dict:
     info = runfile.read_info(path)
     evals = runfile.read_evals(path)
     gens = runfile.read_generations(path, fields=("time_total", "reward_mean"))
-    gen_e, score_e = evals["generation"], evals["mean_reward"]
+    gen_e, score_e, acc_e = evals["generation"], evals["mean_reward"], evals["accuracy"]
     base = float(score_e[gen_e == 0][0])
     trained = gen_e > 0
     best_i = int(np.argmax(np.where(trained, score_e, -np.inf)))
     last = float(score_e[-1])
     cfg = info.config
-    return {"run": str(path), "mode": cfg.mode, "seed": cfg.seed,
+    return {"run": str(path), "task": cfg.task, "mode": cfg.mode, "seed": cfg.seed,
+            "sigma": cfg.sigma, "lr": cfg.lr,
+            "accuracy": (float(acc_e[gen_e == 0][0]), float(acc_e[best_i]), float(acc_e[-1])),
             "generations": info.complete_generations, "base": base,
             "best": float(score_e[best_i]), "best_generation": int(gen_e[best_i]),
             "last": last, "closed_best": 1 - float(score_e[best_i]) / base,
@@ -66,24 +78,39 @@ def summarize(path: Path) -> dict:
 
 
 def table(paths: list[Path]) -> str:
+    """Markdown: one row per run (held-out base, best, last; accuracy where the task has
+    one; sigma and lr when they differ between the runs), then mean +- std per mode."""
     rows = [summarize(p) for p in paths]
-    lines = ["| mode | seed | held-out base | best (generation) | at the last generation | "
-             "gap closed: best / last | wall time |", "|" + "---|" * 7]
+    accuracy = any(not np.isnan(r["accuracy"][0]) for r in rows)
+    grid = len({(r["sigma"], r["lr"]) for r in rows}) > 1
+    head = ["mode", *(["sigma", "lr"] if grid else []), "seed", "held-out base",
+            "best (generation)", "at the last generation", "gap closed: best / last",
+            *(["accuracy: base / best / last"] if accuracy else []), "wall time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['seed']} | {r['base']:.1f} | {r['best']:.1f} "
-                     f"({r['best_generation']}) | {r['last']:.1f} "
-                     f"(gen {r['generations']}) | {100 * r['closed_best']:.0f}% / "
-                     f"{100 * r['closed_last']:.0f}% | {r['seconds'] / 60:.1f} min |")
+        cells = [r["mode"], *([f"{r['sigma']:g}", f"{r['lr']:g}"] if grid else []),
+                 str(r["seed"]), f"{r['base']:.1f}",
+                 f"{r['best']:.1f} ({r['best_generation']})",
+                 f"{r['last']:.1f} (gen {r['generations']})",
+                 f"{100 * r['closed_best']:.0f}% / {100 * r['closed_last']:.0f}%",
+                 *([" / ".join(f"{a:.2f}" for a in r["accuracy"])] if accuracy else []),
+                 f"{r['seconds'] / 60:.1f} min"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if grid:
+        return "\n".join(lines)
     for mode in sorted({r["mode"] for r in rows}):
         group = [r for r in rows if r["mode"] == mode]
         if len(group) > 1:
             best = np.array([r["best"] for r in group])
             last = np.array([r["last"] for r in group])
             closed = np.array([r["closed_best"] for r in group])
+            acc = np.array([r["accuracy"][1] for r in group])
             lines.append(f"| {mode} | mean +- std ({len(group)} seeds) | "
                          f"{group[0]['base']:.1f} | {best.mean():.1f} +- {best.std():.1f} | "
                          f"{last.mean():.1f} +- {last.std():.1f} | "
-                         f"{100 * closed.mean():.0f}% +- {100 * closed.std():.0f}% | |")
+                         f"{100 * closed.mean():.0f}% +- {100 * closed.std():.0f}% | "
+                         + (f"best {acc.mean():.2f} +- {acc.std():.2f} | " if accuracy else "")
+                         + "|")
     return "\n".join(lines)
 
 
@@ -121,17 +148,61 @@ def samples(path: Path, generation: int | None, limit: int) -> str:
     return "\n".join(lines)
 
 
+def sweep(args: argparse.Namespace) -> list[Path]:
+    """The sigma x lr grid as one Slurm job array (slurm/sweep_array.sbatch); blocks until
+    every array task has ended. Returns the run files in grid order (lr-major)."""
+    if shutil.which("sbatch") is None:
+        sys.exit("experiments: sbatch is not on PATH; start a local cluster with "
+                 "`tools/slurm_cluster.sh start` (or run this on a Slurm login node)")
+    for value in (*args.sigmas, *args.lrs):
+        if not float(value) > 0:
+            sys.exit(f"experiments: sigma and lr must be positive numbers, not {value!r}")
+    run_dir = (args.out / "sweep").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    n = len(args.sigmas) * len(args.lrs)
+    env = {**os.environ, "ES_MPI_REPO": str(ROOT), "ES_MPI_LAUNCHER": "mpiexec",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "ES_MPI_SIGMAS": " ".join(args.sigmas), "ES_MPI_LRS": " ".join(args.lrs),
+           "ES_MPI_CONFIG": str(ROOT / "es_mpi/presets/conciseness-lowrank-cpu.toml"),
+           "ES_MPI_MODEL": str(Path(args.model).resolve()), "ES_MPI_RUN_DIR": str(run_dir),
+           "ES_MPI_ARGS": f"--generations {args.generations} --seed {args.seed}"}
+    run(["sbatch", "--wait", "--parsable", f"--array=0-{n - 1}%{args.parallel}",
+         f"--ntasks={args.ranks}", "--cpus-per-task=1", "--export=ALL",
+         f"--output={run_dir}/slurm-%x-%A_%a.out", "--chdir", ROOT,
+         ROOT / "slurm/sweep_array.sbatch"], env)
+    return [run_dir / f"run_sigma{s}_lr{lr}.h5" for lr in args.lrs for s in args.sigmas]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    c = sub.add_parser("conciseness", help="train + report + table, one run per seed")
-    c.add_argument("--mode", choices=("lowrank", "full"), default="lowrank")
-    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    c.add_argument("--model", default=str(ROOT / "demo/model"))
-    c.add_argument("--out", type=Path, default=ROOT / "results")
-    c.add_argument("-n", "--ranks", type=int, default=2)
-    c.add_argument("extra", nargs="*", help="more es-mpi train flags, after --")
+
+    def runs_parser(name: str, help: str, default_task: str, tasks: tuple[str, ...],
+                    seeds: list[int]) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--task", choices=tasks, default=default_task)
+        c.add_argument("--mode", choices=("lowrank", "full"), default="lowrank")
+        c.add_argument("--seeds", type=int, nargs="+", default=seeds)
+        c.add_argument("--model", default=str(ROOT / "demo/model"))
+        c.add_argument("--out", type=Path, default=ROOT / "results")
+        c.add_argument("-n", "--ranks", type=int, default=2)
+        c.add_argument("extra", nargs="*", help="more es-mpi train flags, after --")
+        return c
+
+    runs_parser("conciseness", "train + report + table, one run per seed", "conciseness",
+                ("conciseness", "conciseness-correct"), [0, 1, 2])
+    runs_parser("reasoning", "arithmetic or Countdown: held-out accuracy before/after",
+                "arithmetic", ("arithmetic", "countdown"), [0])
+    w = sub.add_parser("sweep", help="sigma x lr grid as a Slurm job array, then the report")
+    w.add_argument("--sigmas", nargs="+", default=["0.005", "0.01"])
+    w.add_argument("--lrs", nargs="+", default=["0.003", "0.006", "0.012"])
+    w.add_argument("--generations", type=int, default=10)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--model", default=str(ROOT / "demo/model"))
+    w.add_argument("--out", type=Path, default=ROOT / "results")
+    w.add_argument("-n", "--ranks", type=int, default=1, help="ranks per grid point")
+    w.add_argument("--parallel", type=int, default=2, help="grid points running at once")
     t = sub.add_parser("table", help="the markdown table of finished runs")
     t.add_argument("runs", type=Path, nargs="+")
     s = sub.add_parser("samples", help="held-out completions before/after")
@@ -140,11 +211,17 @@ def main() -> None:
     s.add_argument("--limit", type=int, default=6)
     args = parser.parse_args()
 
-    if args.what == "conciseness":
+    if args.what in ("conciseness", "reasoning"):
         args.out.mkdir(parents=True, exist_ok=True)
-        paths = [train(args.model, args.out, args.mode, seed, args.ranks, args.extra)
-                 for seed in args.seeds]
-        run([BIN / "es-mpi", "report", *paths, "-o", args.out / f"conciseness-{args.mode}"])
+        preset = {"conciseness": "conciseness-lowrank-cpu",
+                  "reasoning": "reasoning-lowrank-cpu"}[args.what]
+        paths = [train(preset, args.task, args.model, args.out, args.mode, seed, args.ranks,
+                       args.extra) for seed in args.seeds]
+        run([BIN / "es-mpi", "report", *paths, "-o", args.out / f"{args.task}-{args.mode}"])
+        print(table(paths))
+    elif args.what == "sweep":
+        paths = sweep(args)
+        run([BIN / "es-mpi", "report", *paths, "-o", args.out / "sweep" / "report"])
         print(table(paths))
     elif args.what == "table":
         print(table(args.runs))
