@@ -250,6 +250,15 @@ def test_sweep_recipe_runs_one_array_task_per_grid_point_then_the_report(env, tm
     summary = (tmp_path / "sweep/report/summary.md").read_text()
     assert all(f"sigma={s}" in summary for s in ("0.01", "0.02"))
     assert (tmp_path / "sweep/report/heldout.png").stat().st_size > 0
+    files = [str(tmp_path / "sweep" / f"run_sigma{s}_lr{lr}.h5") for s, lr in grid]
+    curves = subprocess.run([sys.executable, str(REPO / "tools/experiments.py"), "table",
+                             "--curves", *files], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert curves.returncode == 0, curves.stderr
+    lines = curves.stdout.splitlines()
+    assert lines[0] == "| run | 0 | 2 |" and len(lines) == 2 + len(grid)
+    base = {line.split(" | ")[1] for line in lines[2:]}
+    assert len(base) == 1, "every grid point starts from the same base model score"
 
 
 def test_sweep_recipe_without_sbatch_says_how_to_get_a_cluster(tmp_path):

@@ -5,6 +5,7 @@
     python tools/experiments.py reasoning --task arithmetic|countdown [--seeds 0]
     python tools/experiments.py sweep [--sigmas ...] [--lrs ...]  # Slurm job array
     python tools/experiments.py table RUN.h5 [RUN.h5 ...]     # the results table again
+    python tools/experiments.py table --curves RUN.h5 [...]   # held-out score per evaluation
     python tools/experiments.py samples RUN.h5 [--generation G]  # before/after completions
 
 `conciseness` trains the demo model (demo/model, `make demo` prepares it) with the
@@ -34,6 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+TARGET_GAP = 0.70  # issue #9: share of the base model's distance to 0 to close
 
 
 def run(cmd: list, env: dict | None = None) -> None:
@@ -65,12 +67,14 @@ def summarize(path: Path) -> dict:
     trained = gen_e > 0
     best_i = int(np.argmax(np.where(trained, score_e, -np.inf)))
     last = float(score_e[-1])
+    reached = np.flatnonzero(trained & (1 - score_e / base >= TARGET_GAP))
     cfg = info.config
     return {"run": str(path), "task": cfg.task, "mode": cfg.mode, "seed": cfg.seed,
             "sigma": cfg.sigma, "lr": cfg.lr,
             "accuracy": (float(acc_e[gen_e == 0][0]), float(acc_e[best_i]), float(acc_e[-1])),
             "generations": info.complete_generations, "base": base,
             "best": float(score_e[best_i]), "best_generation": int(gen_e[best_i]),
+            "reached": int(gen_e[reached[0]]) if reached.size else None,
             "last": last, "closed_best": 1 - float(score_e[best_i]) / base,
             "closed_last": 1 - last / base, "seconds": float(gens["time_total"].sum()),
             "train_reward_first": float(gens["reward_mean"][0]),
@@ -85,6 +89,7 @@ def table(paths: list[Path]) -> str:
     grid = len({(r["sigma"], r["lr"]) for r in rows}) > 1
     head = ["mode", *(["sigma", "lr"] if grid else []), "seed", "held-out base",
             "best (generation)", "at the last generation", "gap closed: best / last",
+            f"{100 * TARGET_GAP:.0f}% closed at",
             *(["accuracy: base / best / last"] if accuracy else []), "wall time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -93,6 +98,7 @@ def table(paths: list[Path]) -> str:
                  f"{r['best']:.1f} ({r['best_generation']})",
                  f"{r['last']:.1f} (gen {r['generations']})",
                  f"{100 * r['closed_best']:.0f}% / {100 * r['closed_last']:.0f}%",
+                 "never" if r["reached"] is None else f"gen {r['reached']}",
                  *([" / ".join(f"{a:.2f}" for a in r["accuracy"])] if accuracy else []),
                  f"{r['seconds'] / 60:.1f} min"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -108,9 +114,23 @@ def table(paths: list[Path]) -> str:
             lines.append(f"| {mode} | mean +- std ({len(group)} seeds) | "
                          f"{group[0]['base']:.1f} | {best.mean():.1f} +- {best.std():.1f} | "
                          f"{last.mean():.1f} +- {last.std():.1f} | "
-                         f"{100 * closed.mean():.0f}% +- {100 * closed.std():.0f}% | "
+                         f"{100 * closed.mean():.0f}% +- {100 * closed.std():.0f}% | | "
                          + (f"best {acc.mean():.2f} +- {acc.std():.2f} | " if accuracy else "")
                          + "|")
+    return "\n".join(lines)
+
+
+def curves(paths: list[Path]) -> str:
+    """Markdown: each run's held-out score at every evaluation (a row per run)."""
+    from es_mpi import runfile
+
+    evals = [runfile.read_evals(p) for p in paths]
+    gens = sorted({int(g) for e in evals for g in e["generation"]})
+    lines = ["| run | " + " | ".join(map(str, gens)) + " |", "|" + "---|" * (len(gens) + 1)]
+    for path, e in zip(paths, evals, strict=True):
+        score = dict(zip(e["generation"].tolist(), e["mean_reward"].tolist(), strict=True))
+        cells = [f"{score[g]:.1f}" if g in score else "" for g in gens]
+        lines.append(f"| {path.stem} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -205,6 +225,8 @@ def main() -> None:
     w.add_argument("--parallel", type=int, default=2, help="grid points running at once")
     t = sub.add_parser("table", help="the markdown table of finished runs")
     t.add_argument("runs", type=Path, nargs="+")
+    t.add_argument("--curves", action="store_true",
+                   help="the held-out score at every evaluation instead")
     s = sub.add_parser("samples", help="held-out completions before/after")
     s.add_argument("run", type=Path)
     s.add_argument("--generation", type=int, default=None)
@@ -224,7 +246,7 @@ def main() -> None:
         run([BIN / "es-mpi", "report", *paths, "-o", args.out / "sweep" / "report"])
         print(table(paths))
     elif args.what == "table":
-        print(table(args.runs))
+        print(curves(args.runs) if args.curves else table(args.runs))
     else:
         print(samples(args.run, args.generation, args.limit))
 
