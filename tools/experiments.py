@@ -82,41 +82,54 @@ def summarize(path: Path) -> dict:
 
 
 def table(paths: list[Path]) -> str:
-    """Markdown: one row per run (held-out base, best, last; accuracy where the task has
-    one; sigma and lr when they differ between the runs), then mean +- std per mode."""
+    """Markdown: one row per run (held-out base, best, last; the share of the gap to 0
+    closed where the reward is a negative distance, as in conciseness; accuracy where the
+    task has one; sigma and lr when they differ between the runs), then mean +- std per
+    mode over seeds."""
     rows = [summarize(p) for p in paths]
+    gap = all(r["base"] < 0 for r in rows)
     accuracy = any(not np.isnan(r["accuracy"][0]) for r in rows)
     grid = len({(r["sigma"], r["lr"]) for r in rows}) > 1
+    digits = 1 if min(abs(r["base"]) for r in rows) >= 10 else 3
+
+    def num(x: float) -> str:
+        return f"{x:.{digits}f}"
+
+    def spread(xs: list[float], fmt=num) -> str:
+        return f"{fmt(float(np.mean(xs)))} +- {fmt(float(np.std(xs)))}"
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.0f}%"
+
     head = ["mode", *(["sigma", "lr"] if grid else []), "seed", "held-out base",
-            "best (generation)", "at the last generation", "gap closed: best / last",
-            f"{100 * TARGET_GAP:.0f}% closed at",
+            "best (generation)", "at the last generation",
+            *(["gap closed: best / last", f"{pct(TARGET_GAP)} closed at"] if gap else []),
             *(["accuracy: base / best / last"] if accuracy else []), "wall time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["mode"], *([f"{r['sigma']:g}", f"{r['lr']:g}"] if grid else []),
-                 str(r["seed"]), f"{r['base']:.1f}",
-                 f"{r['best']:.1f} ({r['best_generation']})",
-                 f"{r['last']:.1f} (gen {r['generations']})",
-                 f"{100 * r['closed_best']:.0f}% / {100 * r['closed_last']:.0f}%",
-                 "never" if r["reached"] is None else f"gen {r['reached']}",
-                 *([" / ".join(f"{a:.2f}" for a in r["accuracy"])] if accuracy else []),
-                 f"{r['seconds'] / 60:.1f} min"]
-        lines.append("| " + " | ".join(cells) + " |")
+                 str(r["seed"]), num(r["base"]), f"{num(r['best'])} ({r['best_generation']})",
+                 f"{num(r['last'])} (gen {r['generations']})"]
+        if gap:
+            cells += [f"{pct(r['closed_best'])} / {pct(r['closed_last'])}",
+                      "never" if r["reached"] is None else f"gen {r['reached']}"]
+        if accuracy:
+            cells.append(" / ".join(f"{a:.2f}" for a in r["accuracy"]))
+        lines.append("| " + " | ".join([*cells, f"{r['seconds'] / 60:.1f} min"]) + " |")
     if grid:
         return "\n".join(lines)
     for mode in sorted({r["mode"] for r in rows}):
         group = [r for r in rows if r["mode"] == mode]
-        if len(group) > 1:
-            best = np.array([r["best"] for r in group])
-            last = np.array([r["last"] for r in group])
-            closed = np.array([r["closed_best"] for r in group])
-            acc = np.array([r["accuracy"][1] for r in group])
-            lines.append(f"| {mode} | mean +- std ({len(group)} seeds) | "
-                         f"{group[0]['base']:.1f} | {best.mean():.1f} +- {best.std():.1f} | "
-                         f"{last.mean():.1f} +- {last.std():.1f} | "
-                         f"{100 * closed.mean():.0f}% +- {100 * closed.std():.0f}% | | "
-                         + (f"best {acc.mean():.2f} +- {acc.std():.2f} | " if accuracy else "")
-                         + "|")
+        if len(group) < 2:
+            continue
+        cells = [mode, f"mean +- std ({len(group)} seeds)", num(group[0]["base"]),
+                 spread([r["best"] for r in group]), spread([r["last"] for r in group])]
+        if gap:
+            cells += [spread([r["closed_best"] for r in group], pct), ""]
+        if accuracy:
+            cells.append("best " + spread([r["accuracy"][1] for r in group],
+                                          lambda x: f"{x:.2f}"))
+        lines.append("| " + " | ".join([*cells, ""]) + " |")
     return "\n".join(lines)
 
 
@@ -129,7 +142,8 @@ def curves(paths: list[Path]) -> str:
     lines = ["| run | " + " | ".join(map(str, gens)) + " |", "|" + "---|" * (len(gens) + 1)]
     for path, e in zip(paths, evals, strict=True):
         score = dict(zip(e["generation"].tolist(), e["mean_reward"].tolist(), strict=True))
-        cells = [f"{score[g]:.1f}" if g in score else "" for g in gens]
+        digits = 1 if abs(next(iter(score.values()))) >= 10 else 3
+        cells = [f"{score[g]:.{digits}f}" if g in score else "" for g in gens]
         lines.append(f"| {path.stem} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
