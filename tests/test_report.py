@@ -138,3 +138,41 @@ def test_report_bad_input_is_one_error_line(tmp_path):
         f"es-mpi: error: {other} is an HDF5 file but not an es-mpi run file "
         "(no format_version/config attributes)"]
     assert not (tmp_path / "out").exists()
+
+
+def load_experiments():
+    """tools/experiments.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "experiments.py"
+    spec = importlib.util.spec_from_file_location("experiments", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_table_of_seeds_and_of_a_reward_that_is_not_a_distance(runs, tmp_path):
+    """tools/experiments.py table: numbers straight from the run files, the seed spread,
+    and no gap-to-0 columns (nor a division by a 0 base score) for other rewards."""
+    experiments = load_experiments()
+    lines = experiments.table([runs["s0"], runs["s1"]]).splitlines()
+    assert len(lines) == 5 and "gap closed" in lines[0]
+    scores = {s: runfile.read_evals(runs[f"s{s}"])["mean_reward"] for s in (0, 1)}
+    d = 1 if min(abs(scores[s][0]) for s in (0, 1)) >= 10 else 3  # the table's decimals
+    for seed, line in zip((0, 1), lines[2:4], strict=True):
+        base, best = scores[seed][0], scores[seed][1:].max()
+        assert line.startswith(f"| full | {seed} | {base:.{d}f} | {best:.{d}f} (")
+    best = [scores[s][1:].max() for s in (0, 1)]
+    assert f"{np.mean(best):.{d}f} +- {np.std(best):.{d}f}" in lines[4]
+
+    positive = tmp_path / "positive.h5"
+    shutil.copy(runs["s0"], positive)
+    with h5py.File(positive, "r+") as f:
+        f["eval/mean_reward"][...] = np.arange(len(f["eval/mean_reward"]), dtype=float)
+    lines = experiments.table([positive]).splitlines()
+    assert "gap closed" not in lines[0] and "closed at" not in lines[0]
+    assert lines[2].startswith("| full | 0 | 0.000 | 2.000 (3) | 2.000 (gen 3) |")
+    curves = experiments.curves([positive]).splitlines()
+    assert curves[0] == "| run | 0 | 2 | 3 |"
+    assert curves[2] == "| positive | 0.000 | 1.000 | 2.000 |"

@@ -67,7 +67,9 @@ def summarize(path: Path) -> dict:
     trained = gen_e > 0
     best_i = int(np.argmax(np.where(trained, score_e, -np.inf)))
     last = float(score_e[-1])
-    reached = np.flatnonzero(trained & (1 - score_e / base >= TARGET_GAP))
+    # share of the distance to 0 closed: for rewards that are a negative distance (base < 0)
+    closed = 1 - score_e / base if base < 0 else np.full_like(score_e, np.nan)
+    reached = np.flatnonzero(trained & (closed >= TARGET_GAP))
     cfg = info.config
     return {"run": str(path), "task": cfg.task, "mode": cfg.mode, "seed": cfg.seed,
             "sigma": cfg.sigma, "lr": cfg.lr,
@@ -75,8 +77,8 @@ def summarize(path: Path) -> dict:
             "generations": info.complete_generations, "base": base,
             "best": float(score_e[best_i]), "best_generation": int(gen_e[best_i]),
             "reached": int(gen_e[reached[0]]) if reached.size else None,
-            "last": last, "closed_best": 1 - float(score_e[best_i]) / base,
-            "closed_last": 1 - last / base, "seconds": float(gens["time_total"].sum()),
+            "last": last, "closed_best": float(closed[best_i]),
+            "closed_last": float(closed[-1]), "seconds": float(gens["time_total"].sum()),
             "train_reward_first": float(gens["reward_mean"][0]),
             "train_reward_last": float(gens["reward_mean"][-1])}
 
@@ -90,6 +92,7 @@ def table(paths: list[Path]) -> str:
     gap = all(r["base"] < 0 for r in rows)
     accuracy = any(not np.isnan(r["accuracy"][0]) for r in rows)
     grid = len({(r["sigma"], r["lr"]) for r in rows}) > 1
+    tasks = len({r["task"] for r in rows}) > 1
     digits = 1 if min(abs(r["base"]) for r in rows) >= 10 else 3
 
     def num(x: float) -> str:
@@ -101,13 +104,14 @@ def table(paths: list[Path]) -> str:
     def pct(x: float) -> str:
         return f"{100 * x:.0f}%"
 
-    head = ["mode", *(["sigma", "lr"] if grid else []), "seed", "held-out base",
-            "best (generation)", "at the last generation",
+    head = [*(["task"] if tasks else []), "mode", *(["sigma", "lr"] if grid else []), "seed",
+            "held-out base", "best (generation)", "at the last generation",
             *(["gap closed: best / last", f"{pct(TARGET_GAP)} closed at"] if gap else []),
             *(["accuracy: base / best / last"] if accuracy else []), "wall time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["mode"], *([f"{r['sigma']:g}", f"{r['lr']:g}"] if grid else []),
+        cells = [*([r["task"]] if tasks else []), r["mode"],
+                 *([f"{r['sigma']:g}", f"{r['lr']:g}"] if grid else []),
                  str(r["seed"]), num(r["base"]), f"{num(r['best'])} ({r['best_generation']})",
                  f"{num(r['last'])} (gen {r['generations']})"]
         if gap:
@@ -118,12 +122,13 @@ def table(paths: list[Path]) -> str:
         lines.append("| " + " | ".join([*cells, f"{r['seconds'] / 60:.1f} min"]) + " |")
     if grid:
         return "\n".join(lines)
-    for mode in sorted({r["mode"] for r in rows}):
-        group = [r for r in rows if r["mode"] == mode]
+    for task, mode in sorted({(r["task"], r["mode"]) for r in rows}):
+        group = [r for r in rows if (r["task"], r["mode"]) == (task, mode)]
         if len(group) < 2:
             continue
-        cells = [mode, f"mean +- std ({len(group)} seeds)", num(group[0]["base"]),
-                 spread([r["best"] for r in group]), spread([r["last"] for r in group])]
+        cells = [*([task] if tasks else []), mode, f"mean +- std ({len(group)} seeds)",
+                 num(group[0]["base"]), spread([r["best"] for r in group]),
+                 spread([r["last"] for r in group])]
         if gap:
             cells += [spread([r["closed_best"] for r in group], pct), ""]
         if accuracy:
