@@ -261,9 +261,26 @@ def test_sweep_recipe_runs_one_array_task_per_grid_point_then_the_report(env, tm
     assert len(base) == 1, "every grid point starts from the same base model score"
 
 
-def test_sweep_recipe_without_sbatch_says_how_to_get_a_cluster(tmp_path):
+def test_sweep_recipe_bad_input_is_one_line_before_anything_is_submitted(tmp_path,
+                                                                           tiny_model):
+    def sweep(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "tools/experiments.py"), "sweep",
+                               "--out", str(tmp_path / "out"), *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+
     env = dict(cli_env(), PATH=str(tmp_path))
-    done = subprocess.run([sys.executable, str(REPO / "tools/experiments.py"), "sweep"],
-                          env=env, capture_output=True, text=True, timeout=60)
+    done = sweep()
     assert done.returncode == 1
     assert "sbatch is not on PATH" in done.stderr and "slurm_cluster.sh start" in done.stderr
+    # a stand-in sbatch that records its call and fails as a failed array would
+    (tmp_path / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/called\nexit 3\n")
+    (tmp_path / "sbatch").chmod(0o755)
+    for args, message in ((["--sigmas", "0.01", "big"], "positive numbers, not 'big'"),
+                          (["--lrs", "-0.1"], "positive numbers, not '-0.1'"),
+                          (["--model", str(tmp_path / "none")], "config.json missing")):
+        done = sweep(*args)
+        assert done.returncode == 1 and message in done.stderr.strip().splitlines()[-1]
+        assert not (tmp_path / "called").exists()
+    done = sweep("--model", str(tiny_model))
+    assert done.returncode == 1 and "the job array ended with status 3" in done.stderr
+    assert "--array=0-5%2" in (tmp_path / "called").read_text()

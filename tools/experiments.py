@@ -194,8 +194,15 @@ def sweep(args: argparse.Namespace) -> list[Path]:
         sys.exit("experiments: sbatch is not on PATH; start a local cluster with "
                  "`tools/slurm_cluster.sh start` (or run this on a Slurm login node)")
     for value in (*args.sigmas, *args.lrs):
-        if not float(value) > 0:
+        try:
+            ok = float(value) > 0
+        except ValueError:
+            ok = False
+        if not ok:
             sys.exit(f"experiments: sigma and lr must be positive numbers, not {value!r}")
+    if not (Path(args.model) / "config.json").is_file():
+        sys.exit(f"experiments: no model in {args.model} (config.json missing); "
+                 "`make demo` prepares demo/model, or pass --model DIR")
     run_dir = (args.out / "sweep").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     n = len(args.sigmas) * len(args.lrs)
@@ -205,10 +212,14 @@ def sweep(args: argparse.Namespace) -> list[Path]:
            "ES_MPI_CONFIG": str(ROOT / "es_mpi/presets/conciseness-lowrank-cpu.toml"),
            "ES_MPI_MODEL": str(Path(args.model).resolve()), "ES_MPI_RUN_DIR": str(run_dir),
            "ES_MPI_ARGS": f"--generations {args.generations} --seed {args.seed}"}
-    run(["sbatch", "--wait", "--parsable", f"--array=0-{n - 1}%{args.parallel}",
-         f"--ntasks={args.ranks}", "--cpus-per-task=1", "--export=ALL",
-         f"--output={run_dir}/slurm-%x-%A_%a.out", "--chdir", ROOT,
-         ROOT / "slurm/sweep_array.sbatch"], env)
+    try:
+        run(["sbatch", "--wait", "--parsable", f"--array=0-{n - 1}%{args.parallel}",
+             f"--ntasks={args.ranks}", "--cpus-per-task=1", "--export=ALL",
+             f"--output={run_dir}/slurm-%x-%A_%a.out", "--chdir", ROOT,
+             ROOT / "slurm/sweep_array.sbatch"], env)
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"experiments: the job array ended with status {e.returncode}; the logs of "
+                 f"its tasks are {run_dir}/slurm-es-mpi-sweep-*.out (rerun to continue)")
     return [run_dir / f"run_sigma{s}_lr{lr}.h5" for lr in args.lrs for s in args.sigmas]
 
 
