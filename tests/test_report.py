@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import shutil
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import run_cli
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
+import experiments  # tools/experiments.py: the results tables
 
 from es_mpi import report, runfile
 from es_mpi.cli import cli
@@ -140,22 +145,9 @@ def test_report_bad_input_is_one_error_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def load_experiments():
-    """tools/experiments.py as a module (it is a script, not part of the package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "experiments.py"
-    spec = importlib.util.spec_from_file_location("experiments", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_results_table_of_seeds_and_of_a_reward_that_is_not_a_distance(runs, tmp_path):
     """tools/experiments.py table: numbers straight from the run files, the seed spread,
     and no gap-to-0 columns (nor a division by a 0 base score) for other rewards."""
-    experiments = load_experiments()
     lines = experiments.table([runs["s0"], runs["s1"]]).splitlines()
     assert len(lines) == 5 and "gap closed" in lines[0]
     scores = {s: runfile.read_evals(runs[f"s{s}"])["mean_reward"] for s in (0, 1)}

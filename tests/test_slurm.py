@@ -275,9 +275,12 @@ def test_sweep_recipe_bad_input_is_one_line_before_anything_is_submitted(tmp_pat
     # a stand-in sbatch that records its call and fails as a failed array would
     (tmp_path / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/called\nexit 3\n")
     (tmp_path / "sbatch").chmod(0o755)
-    for args, message in ((["--sigmas", "0.01", "big"], "positive numbers, not 'big'"),
-                          (["--lrs", "-0.1"], "positive numbers, not '-0.1'"),
-                          (["--model", str(tmp_path / "none")], "config.json missing")):
+    # the checks `es-mpi train` makes, on every grid point, before anything is queued
+    for args, message in ((["--sigmas", "0.01", "big"], "must be numbers, not 'big'"),
+                          (["--lrs", "-0.1"], "config: lr = -0.1: must be in (0, 10]"),
+                          (["--sigmas", "5"], "config: sigma = 5.0: must be in (0, 1]"),
+                          (["--generations", "0"], "config: generations = 0: must be >= 1"),
+                          (["--model", str(tmp_path / "none")], "does not exist")):
         done = sweep(*args)
         assert done.returncode == 1 and message in done.stderr.strip().splitlines()[-1]
         assert not (tmp_path / "called").exists()

@@ -36,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TARGET_GAP = 0.70  # issue #9: share of the base model's distance to 0 to close
+CONCISENESS_PRESET = "conciseness-lowrank-cpu"  # conciseness recipes and the sweep
 
 
 def run(cmd: list, env: dict | None = None) -> None:
@@ -61,7 +62,7 @@ def summarize(path: Path) -> dict:
 
     info = runfile.read_info(path)
     evals = runfile.read_evals(path)
-    gens = runfile.read_generations(path, fields=("time_total", "reward_mean"))
+    gens = runfile.read_generations(path, fields=("time_total",))
     gen_e, score_e, acc_e = evals["generation"], evals["mean_reward"], evals["accuracy"]
     base = float(score_e[gen_e == 0][0])
     trained = gen_e > 0
@@ -78,9 +79,12 @@ def summarize(path: Path) -> dict:
             "best": float(score_e[best_i]), "best_generation": int(gen_e[best_i]),
             "reached": int(gen_e[reached[0]]) if reached.size else None,
             "last": last, "closed_best": float(closed[best_i]),
-            "closed_last": float(closed[-1]), "seconds": float(gens["time_total"].sum()),
-            "train_reward_first": float(gens["reward_mean"][0]),
-            "train_reward_last": float(gens["reward_mean"][-1])}
+            "closed_last": float(closed[-1]), "seconds": float(gens["time_total"].sum())}
+
+
+def decimals(score: float) -> int:
+    """Decimals to print a run's scores with: 1 for conciseness's characters, else 3."""
+    return 1 if abs(score) >= 10 else 3
 
 
 def table(paths: list[Path]) -> str:
@@ -93,7 +97,7 @@ def table(paths: list[Path]) -> str:
     accuracy = any(not np.isnan(r["accuracy"][0]) for r in rows)
     grid = len({(r["sigma"], r["lr"]) for r in rows}) > 1
     tasks = len({r["task"] for r in rows}) > 1
-    digits = 1 if min(abs(r["base"]) for r in rows) >= 10 else 3
+    digits = decimals(min((r["base"] for r in rows), key=abs))
 
     def num(x: float) -> str:
         return f"{x:.{digits}f}"
@@ -147,7 +151,7 @@ def curves(paths: list[Path]) -> str:
     lines = ["| run | " + " | ".join(map(str, gens)) + " |", "|" + "---|" * (len(gens) + 1)]
     for path, e in zip(paths, evals, strict=True):
         score = dict(zip(e["generation"].tolist(), e["mean_reward"].tolist(), strict=True))
-        digits = 1 if abs(next(iter(score.values()))) >= 10 else 3
+        digits = decimals(e["mean_reward"][0])
         cells = [f"{score[g]:.{digits}f}" if g in score else "" for g in gens]
         lines.append(f"| {path.stem} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -190,26 +194,39 @@ def samples(path: Path, generation: int | None, limit: int) -> str:
 def sweep(args: argparse.Namespace) -> list[Path]:
     """The sigma x lr grid as one Slurm job array (slurm/sweep_array.sbatch); blocks until
     every array task has ended. Returns the run files in grid order (lr-major)."""
+    from es_mpi import presets
+    from es_mpi.config import Config
+    from es_mpi.errors import EsError
+    from es_mpi.model import check_model_dir
+
     if shutil.which("sbatch") is None:
         sys.exit("experiments: sbatch is not on PATH; start a local cluster with "
                  "`tools/slurm_cluster.sh start` (or run this on a Slurm login node)")
+    # every grid point passes the checks `es-mpi train` makes, before anything is queued
+    settings = {**presets.load(CONCISENESS_PRESET), "model": args.model,
+                "generations": args.generations, "seed": args.seed}
     for value in (*args.sigmas, *args.lrs):
         try:
-            ok = float(value) > 0
+            float(value)
         except ValueError:
-            ok = False
-        if not ok:
-            sys.exit(f"experiments: sigma and lr must be positive numbers, not {value!r}")
-    if not (Path(args.model) / "config.json").is_file():
-        sys.exit(f"experiments: no model in {args.model} (config.json missing); "
-                 "`make demo` prepares demo/model, or pass --model DIR")
+            sys.exit(f"experiments: sigma and lr must be numbers, not {value!r}")
+    for sigma in args.sigmas:
+        for lr in args.lrs:
+            try:
+                Config.from_dict({**settings, "sigma": float(sigma), "lr": float(lr)})
+            except EsError as exc:
+                sys.exit(f"experiments: {exc}")
+    try:
+        check_model_dir(args.model)
+    except EsError as exc:
+        sys.exit(f"experiments: {exc}; `make demo` prepares demo/model, or pass --model DIR")
     run_dir = (args.out / "sweep").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     n = len(args.sigmas) * len(args.lrs)
     env = {**os.environ, "ES_MPI_REPO": str(ROOT), "ES_MPI_LAUNCHER": "mpiexec",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "ES_MPI_SIGMAS": " ".join(args.sigmas), "ES_MPI_LRS": " ".join(args.lrs),
-           "ES_MPI_CONFIG": str(ROOT / "es_mpi/presets/conciseness-lowrank-cpu.toml"),
+           "ES_MPI_CONFIG": str(presets.path(CONCISENESS_PRESET)),
            "ES_MPI_MODEL": str(Path(args.model).resolve()), "ES_MPI_RUN_DIR": str(run_dir),
            "ES_MPI_ARGS": f"--generations {args.generations} --seed {args.seed}"}
     try:
@@ -265,7 +282,7 @@ def main() -> None:
 
     if args.what in ("conciseness", "reasoning"):
         args.out.mkdir(parents=True, exist_ok=True)
-        preset = {"conciseness": "conciseness-lowrank-cpu",
+        preset = {"conciseness": CONCISENESS_PRESET,
                   "reasoning": "reasoning-lowrank-cpu"}[args.what]
         paths = [train(preset, args.task, args.model, args.out, args.mode, seed, args.ranks,
                        args.extra) for seed in args.seeds]
