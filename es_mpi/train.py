@@ -127,8 +127,8 @@ def open_session(cfg: Config, dist: Dist, task: Task, train: list) -> Session:
     if cfg.mode == "lowrank":
         matrices = lowrank.perturbed_matrices(model)
         if not matrices:
-            raise EsError(f"model {cfg.model} has no Linear or Embedding weights for lowrank "
-                          "mode; use --mode full")
+            raise EsError(f"model {cfg.model} has no Linear, Conv1D or Embedding weights for "
+                          "lowrank mode; use --mode full")
         params = {n: params[n] for n in matrices}
         replica = Replica(params, LowRankNoise(cfg.rank), share_master=True)
     else:
@@ -206,7 +206,7 @@ def _evaluate_lowrank(s: Session, group: list[int], seeds_n, signs_n, batch):
     t0 = time.perf_counter()
     with lowrank.population(s.matrices, s.replica.master, s.replica.noise,
                             [int(seeds_n[i]) for i in group], [int(signs_n[i]) for i in group],
-                            s.cfg.sigma):
+                            s.cfg.sigma, rows=m * p):
         t1 = time.perf_counter()
         texts, tokens = hf.generate(s.model, s.tokenizer, big, s.cfg.max_new_tokens,
                                     s.ignore_eos)

@@ -11,27 +11,40 @@ import torch
 from es_mpi import lowrank
 from es_mpi.es import LowRankNoise, Replica, es_update_
 from es_mpi.noise import lowrank_factors
+from tiny_model import ARCHS, make_tiny_arch, make_tiny_model
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+MODELS = ["untied", "tied", *ARCHS]  # the Llama of most tests, then the architecture matrix
+
+
+@pytest.fixture(scope="module", params=MODELS)
 def model64(request, tmp_path_factory):
-    from tiny_model import make_tiny_model
     from transformers import AutoModelForCausalLM
 
-    path = make_tiny_model(tmp_path_factory.mktemp(f"lr{request.param}"), tie=request.param)
+    where = tmp_path_factory.mktemp(f"lr-{request.param}")
+    if request.param in ARCHS:
+        path = make_tiny_arch(where, request.param)
+    else:
+        path = make_tiny_model(where, tie=request.param == "tied")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
     model.eval()
     return model
 
 
+def matrix_names(model) -> list[str]:
+    """Every weight of two dimensions, from the parameters alone (tied ones once)."""
+    return [n for n, p in model.named_parameters() if p.dim() == 2]
+
+
 def materialized_logits(model, name_seed_sign, sigma, rank, ids):
-    """Logits of one member with W + sign * sigma * A B^T / sqrt(r) written into a copy."""
+    """Logits of one member with W + sign * sigma * A B^T / sqrt(r) written into a copy of
+    every 2-D weight, in the layout it is stored in (Conv1D's is in x out)."""
     import copy
 
     member = copy.deepcopy(model)
     params = dict(member.named_parameters())
     with torch.no_grad():
-        for name in lowrank.perturbed_matrices(member):
+        for name in matrix_names(member):
             seed, sign = name_seed_sign
             w = params[name]
             a, b = lowrank_factors(seed, name, w.shape, rank, torch.device("cpu"))
@@ -48,7 +61,7 @@ def test_batched_members_equal_materialized_weights(model64, rank):
     master = {n: p.data for n, p in model64.named_parameters() if n in matrices}
     ids = prompts.repeat(len(seeds), 1)  # member-major rows
     with torch.no_grad(), lowrank.population(matrices, master, LowRankNoise(rank), seeds, signs,
-                                             sigma):
+                                             sigma, rows=ids.shape[0]):
         batched = model64(input_ids=ids).logits
     base = model64(input_ids=prompts).logits
     for k, (seed, sign) in enumerate(zip(seeds, signs, strict=True)):
@@ -62,11 +75,11 @@ def test_batched_members_equal_materialized_weights(model64, rank):
 
 def test_every_matrix_is_perturbed_and_nothing_else(model64):
     matrices = lowrank.perturbed_matrices(model64)
-    params = dict(model64.named_parameters())
-    assert set(matrices) == {n for n, p in params.items() if p.dim() == 2}
-    tied = model64.config.tie_word_embeddings
-    assert len(matrices["model.embed_tokens.weight"]) == (2 if tied else 1)
-    assert ("lm_head.weight" in matrices) is not tied
+    assert list(matrices) == matrix_names(model64)
+    embedding = model64.get_input_embeddings().weight
+    name = next(n for n, p in model64.named_parameters() if p is embedding)
+    tied = model64.get_output_embeddings().weight is embedding
+    assert len(matrices[name]) == (2 if tied else 1)  # a tied LM head reads it too
 
 
 def test_update_is_the_sum_of_low_rank_terms():
@@ -94,3 +107,52 @@ def test_shared_master_fp32_is_the_parameter_itself():
     half = torch.nn.Parameter(torch.randn(4, 3).to(torch.bfloat16), requires_grad=False)
     rep16 = Replica({"w": half}, LowRankNoise(1), share_master=True)
     assert rep16.master["w"].dtype == torch.float32  # bf16 keeps an fp32 master
+
+
+class _Doubled(torch.nn.Linear):
+    def forward(self, x):  # a layout lowrank cannot know: the output is 2 x W x
+        return 2 * super().forward(x)
+
+
+class _Scaled(torch.nn.Embedding):
+    """Looks like a scaled embedding by name, but its forward adds, not multiplies."""
+
+    def __init__(self):
+        super().__init__(10, 4)
+        self.embed_scale = torch.tensor(2.0)
+
+    def forward(self, ids):
+        return super().forward(ids) + self.embed_scale
+
+
+_Scaled.__name__ = "FakeScaledWordEmbedding"
+
+
+def test_unknown_weight_holders_are_refused_by_name():
+    from es_mpi.errors import EsError
+
+    plain = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
+    assert list(lowrank.perturbed_matrices(plain)) == ["0.weight", "1.weight"]
+
+    cases = {
+        "1.weight (_Doubled)": torch.nn.Sequential(torch.nn.Embedding(10, 4), _Doubled(4, 4)),
+        "0.weight (FakeScaledWordEmbedding)": torch.nn.Sequential(_Scaled()),
+        "0.weight (Conv2d)": torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3)),
+        "0.weight (Embedding)": torch.nn.Sequential(torch.nn.Embedding(10, 4, max_norm=1.0)),
+    }
+    experts = torch.nn.Module()
+    experts.gate_up = torch.nn.Parameter(torch.zeros(3, 4, 4))  # a fused MoE tensor, 3-D
+    cases["gate_up (Module)"] = experts
+    for named, model in cases.items():
+        with pytest.raises(EsError) as err:
+            lowrank.perturbed_matrices(model)
+        assert named in str(err.value) and "--mode full" in str(err.value)
+
+
+def test_a_weight_shared_with_an_unknown_module_is_refused():
+    from es_mpi.errors import EsError
+
+    emb, head = torch.nn.Embedding(10, 4), _Doubled(4, 10)
+    head.weight = emb.weight  # tied, but the head reads it through a forward we cannot see
+    with pytest.raises(EsError, match=r"0\.weight \(_Doubled\)"):
+        lowrank.perturbed_matrices(torch.nn.Sequential(emb, head))
