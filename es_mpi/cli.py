@@ -225,24 +225,46 @@ def export(run_file: str, out_dir: str, generation: int | None, model: str | Non
               default=None, help="Replica dtype [default: the run's, or auto].")
 @click.option("--model", metavar="DIR", default=None,
               help="Base model directory of a run file, if it moved since the run started.")
+@click.option("--prompt-format", type=click.Choice(["auto", "chat", "raw"]), default=None,
+              help="chat template, raw text, or auto [default: the run's, or auto].")
+@click.option("--samples", type=int, default=0, show_default=True,
+              help="Also draw K samples per example (seeded) and report pass@K and their "
+                   "mean reward next to greedy (0 = greedy only).")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Sampling temperature for --samples (plain sampling: no top-k/top-p).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the samples; the same seed gives the same samples on any number "
+                   "of ranks.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
 def eval_command(target: str, task, task_data, reward, limit, max_new_tokens, batch_size, dtype,
-                 model, as_json) -> None:
+                 model, prompt_format, samples, temperature, seed, as_json) -> None:
     """Score a model dir, or generation G of a run file, on the task's held-out examples.
 
-    Greedy decoding, batched, the examples shared out across the MPI ranks. Prints the mean
-    reward and, for tasks with a notion of solved, the accuracy.
+    Greedy decoding (whatever the model's generation config says), batched, the examples
+    shared out across the MPI ranks. Prints the mean reward and, for tasks with a notion of
+    solved, the accuracy; with --samples K also the mean reward and pass@K of K seeded
+    samples per example.
     """
     def body(dist):
+        import math
+
         from es_mpi import commands
+        from es_mpi.config import MAX_SEED
 
         if limit < 0:
             raise EsError(f"--limit {limit}: must be >= 0")
+        if not 0 <= samples <= 10_000:
+            raise EsError(f"--samples {samples}: must be in 0..10000 (0 = greedy only)")
+        if not (math.isfinite(temperature) and 0 < temperature <= 100):
+            raise EsError(f"--temperature {temperature}: must be in (0, 100]")
+        if not 0 <= seed <= MAX_SEED:
+            raise EsError(f"--seed {seed}: must be in 0..{MAX_SEED}")
         overrides = {"task": task, "task_data": task_data, "reward": reward,
                      "max_new_tokens": max_new_tokens, "eval_batch_size": batch_size,
-                     "dtype": dtype, "model": model}
+                     "dtype": dtype, "model": model, "prompt_format": prompt_format}
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        commands.evaluate_target(target, overrides, limit, as_json, dist)
+        commands.evaluate_target(target, overrides, limit, as_json, dist, samples,
+                                 temperature, seed)
 
     _run(body)
 

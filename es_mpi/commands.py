@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from es_mpi import model as hf
-from es_mpi import progress, report, runfile
+from es_mpi import lowrank, progress, report, runfile
 from es_mpi.config import Config
 from es_mpi.dist import Dist, set_threads
 from es_mpi.errors import EsError
@@ -49,6 +49,12 @@ def _prechecks(cfg: Config) -> tuple[Task, list]:
     """Cheap checks on every rank before any model is loaded: (task, training examples)."""
     hf.check_model_dir(cfg.model)
     _check_context(cfg)
+    if cfg.prompt_format == "chat" and not hf.has_chat_template(cfg.model):
+        raise EsError(f"--prompt-format chat: model {cfg.model} has no chat template "
+                      "(none in tokenizer_config.json or chat_template.jinja); use "
+                      "--prompt-format raw, or auto (chat where there is a template)")
+    if cfg.mode == "lowrank":
+        lowrank.check_layout(cfg.model)
     return check_task(cfg)
 
 
@@ -192,9 +198,10 @@ def export(path: str, out_dir: str, generation: int | None, model: str | None,
     print(f"es-mpi: wrote generation {generation} of {path} to {out}", flush=True)
 
 
-def evaluate_target(target: str, overrides: dict, limit: int, as_json: bool,
-                    dist: Dist) -> None:
-    """Score a model directory or a run file's generation (RUN.h5[@G]) on held-out examples."""
+def evaluate_target(target: str, overrides: dict, limit: int, as_json: bool, dist: Dist,
+                    samples: int = 0, temperature: float = 1.0, seed: int = 0) -> None:
+    """Score a model directory or a run file's generation (RUN.h5[@G]) on held-out examples:
+    greedy, and with `samples` > 0 also K seeded samples per example (pass@K)."""
     path, at, gen_text = target.rpartition("@") if "@" in target else (target, "", "")
     info, generation = None, None
     if Path(path).is_file():
@@ -217,18 +224,33 @@ def evaluate_target(target: str, overrides: dict, limit: int, as_json: bool,
     s = dist.collective(lambda: open_session(cfg, dist, task, train_examples))
     if info is not None:
         dist.collective(lambda: rebuild(s, path, info, generation))
-    result = evaluate(s, examples, cfg.eval_batch_size)
+    greedy = evaluate(s, examples, cfg.eval_batch_size)
+    sampled = None
+    if samples:
+        sampled = evaluate(s, examples, cfg.eval_batch_size, samples, temperature, seed)
     what = f"{path}@{generation}" if info is not None else target
     if as_json:
-        dist.print0(json.dumps({
-            "target": what, "task": cfg.task, "n_examples": result.n,
-            "mean_reward": result.mean_reward,
-            "accuracy": None if np.isnan(result.accuracy) else result.accuracy,
-            "max_new_tokens": cfg.max_new_tokens, "seconds": result.seconds,
-            "rewards": result.rewards.tolist()}))
+        out = {"target": what, "task": cfg.task, "n_examples": greedy.n,
+               "mean_reward": greedy.mean_reward, "accuracy": _number(greedy.accuracy),
+               "max_new_tokens": cfg.max_new_tokens, "seconds": greedy.seconds,
+               "rewards": greedy.rewards.tolist(), "completions": greedy.completions}
+        if sampled is not None:
+            out["sampled"] = {"samples": samples, "temperature": temperature, "seed": seed,
+                              "mean_reward": sampled.mean_reward,
+                              f"pass_at_{samples}": _number(sampled.accuracy),
+                              "seconds": sampled.seconds, "rewards": sampled.rewards.tolist(),
+                              "completions": sampled.completions}
+        dist.print0(json.dumps(out))
     else:
-        dist.print0(f"eval {cfg.task} on {what}: {result.summary()} "
-                    f"({cfg.max_new_tokens} new tokens, {result.seconds:.1f} s)")
+        dist.print0(f"eval {cfg.task} on {what}: greedy: {greedy.summary()} "
+                    f"({cfg.max_new_tokens} new tokens, {greedy.seconds:.1f} s)")
+        if sampled is not None:
+            dist.print0(f"eval {cfg.task} on {what}: sampled (temperature {temperature:g}, "
+                        f"seed {seed}): {sampled.summary()} ({sampled.seconds:.1f} s)")
+
+
+def _number(value: float) -> float | None:
+    return None if np.isnan(value) else value
 
 
 def inspect_summary(path: str) -> dict:

@@ -46,9 +46,11 @@ class Config:
     )
     seed: int = _field(0, "Run seed; every member seed derives from (seed, generation, member).")
     mode: str = _field(
-        "full", "Population evaluation: full (perturb the weights in place, one generate per "
-        "member) or lowrank (rank-r perturbations inside one batched generate; only matrices "
-        "train).", choices=("full", "lowrank"))
+        "full", "Population evaluation: full (perturb every parameter in place, one generate "
+        "per member) or lowrank (rank-r perturbations inside one batched generate). lowrank "
+        "trains the weight matrices of Linear, Conv1D and Embedding layers (scaled "
+        "embeddings included; tied weights once); norms and biases stay frozen, and a model "
+        "with any other weight of 2+ dimensions is refused.", choices=("full", "lowrank"))
     rank: int = _field(1, "Rank r of each member's perturbation of a matrix (lowrank mode).")
     member_batch: int = _field(
         4, "Members evaluated together in one batched generate (lowrank mode); these fixed "
@@ -65,6 +67,13 @@ class Config:
     batch_size: int = _field(
         0, "Training prompts scored per generation (0 = all of the task's training prompts)."
     )
+    train_limit: int = _field(
+        0, "Use only the task's first K training examples (0 = all); the paper's Countdown "
+        "script trains on the first 200 of its data file.")
+    prompt_format: str = _field(
+        "auto", "How a prompt is given to the model: chat (through the tokenizer's chat "
+        "template), raw (the prompt text as is, as the paper's scripts do), or auto (chat "
+        "where the tokenizer has a template, else raw).", choices=("auto", "chat", "raw"))
     dtype: str = _field(
         "auto",
         "Replica dtype (auto: bfloat16 on CUDA, float32 on CPU). Updates are always fp32.",
@@ -137,6 +146,8 @@ class Config:
             raise bad("eval_batch_size", "must be >= 1")
         if self.batch_size < 0:
             raise bad("batch_size", "must be >= 0 (0 = all training prompts)")
+        if self.train_limit < 0:
+            raise bad("train_limit", "must be >= 0 (0 = all training examples)")
         if not self.task:
             raise bad("task", "must name a task")
 

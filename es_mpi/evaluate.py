@@ -1,8 +1,11 @@
-"""Held-out evaluation: greedy, batched, the examples shared out across ranks.
+"""Held-out evaluation: greedy (or seeded sampling), batched, the examples shared out
+across ranks.
 
 Examples are cut into fixed batches of `batch_size` and batch b goes to rank b mod K, so
-a batch holds the same rows whatever the number of ranks. One allgather of (example,
-reward) rows gives rank 0 all scores.
+a batch holds the same rows whatever the number of ranks. Sampled evaluation draws
+sample k of batch b with the seed (seed, b's first example, k), so it too is the same on
+any number of ranks. One allgather of (example, sample, reward) rows, and one of the
+completions, gives rank 0 everything.
 """
 
 from __future__ import annotations
@@ -14,60 +17,88 @@ import numpy as np
 
 from es_mpi import model as hf
 from es_mpi.errors import EsError
+from es_mpi.noise import derive_seed
 from es_mpi.rewards import score
 
-EVAL_ROW = np.dtype([("example", "i8"), ("reward", "f8"), ("tokens", "i8"), ("status", "i4")])
+EVAL_ROW = np.dtype([("example", "i8"), ("sample", "i8"), ("reward", "f8"), ("tokens", "i8"),
+                     ("status", "i4")])
 
 
 @dataclass
 class EvalResult:
     n: int
-    mean_reward: float
-    accuracy: float          # NaN when the task has no notion of solved
+    mean_reward: float       # over examples (and samples)
+    accuracy: float          # share solved (greedy) or pass@K (sampled); NaN without "solved"
     seconds: float
-    rewards: np.ndarray
+    rewards: np.ndarray      # (n,) greedy, (n, K) sampled
+    completions: list        # per example: its completion (greedy) or its K samples
+    samples: int = 0         # K, or 0 for greedy decoding
 
     def summary(self) -> str:
+        if self.samples:
+            acc = "" if np.isnan(self.accuracy) else f", pass@{self.samples} {self.accuracy:.3f}"
+            return (f"mean reward {self.mean_reward:.4g}{acc} over {self.samples} samples of "
+                    f"each of {self.n} held-out examples")
         acc = "" if np.isnan(self.accuracy) else f", accuracy {self.accuracy:.3f}"
         return f"mean reward {self.mean_reward:.4g}{acc} on {self.n} held-out examples"
 
 
-def evaluate(s, examples: list, batch_size: int) -> EvalResult:
-    """Score the replica's current weights (unperturbed) on `examples`; collective."""
+def evaluate(s, examples: list, batch_size: int, samples: int = 0, temperature: float = 1.0,
+             seed: int = 0) -> EvalResult:
+    """Score the replica's current weights (unperturbed) on `examples`; collective.
+
+    samples = 0: greedy decoding. samples = K: K seeded samples per example at
+    `temperature`, reported as the mean reward and pass@K.
+    """
     t0 = time.perf_counter()
     dist = s.dist
+    draws = max(samples, 1)
     batches = [list(range(i, min(i + batch_size, len(examples))))
                for i in range(0, len(examples), batch_size)]
     mine = batches[dist.rank::dist.size]
-    rows = np.zeros(sum(len(b) for b in mine), dtype=EVAL_ROW)
+    rows = np.zeros(sum(len(b) for b in mine) * draws, dtype=EVAL_ROW)
+    texts_mine: list[str] = []
     error = None
     k = 0
     for batch_ids in mine:
         batch_examples = [examples[j] for j in batch_ids]
         prompts = [s.task.prompt(e, s.tokenizer) for e in batch_examples]
         enc = hf.encode_prompts(s.tokenizer, prompts, s.device, s.task.templated(s.tokenizer))
-        texts, tokens = hf.generate(s.model, s.tokenizer, enc, s.cfg.max_new_tokens)
-        rewards, error = score(s.task, texts, batch_examples, s.cfg.reward_timeout,
-                               f"held-out examples {batch_ids[0]}..{batch_ids[-1]}, "
-                               f"rank {dist.rank}")
+        for draw in range(draws):
+            sampling = None if not samples else hf.Sampling(
+                temperature, derive_seed(seed, "eval-sample", batch_ids[0], draw))
+            texts, tokens = hf.generate(s.model, s.tokenizer, enc, s.cfg.max_new_tokens,
+                                        sampling=sampling)
+            rewards, error = score(s.task, texts, batch_examples, s.cfg.reward_timeout,
+                                   f"held-out examples {batch_ids[0]}..{batch_ids[-1]}, "
+                                   f"rank {dist.rank}")
+            if error:
+                rows["status"] = 1
+                break
+            for j, r, n in zip(batch_ids, rewards, tokens, strict=True):
+                rows[k] = (j, draw, r, n, 0)
+                k += 1
+            texts_mine.extend(texts)
         if error:
-            rows["status"] = 1
             break
-        for j, r, n in zip(batch_ids, rewards, tokens, strict=True):
-            rows[k] = (j, r, n, 0)
-            k += 1
-    counts = [sum(len(b) for b in batches[r::dist.size]) for r in range(dist.size)]
+    counts = [sum(len(b) for b in batches[r::dist.size]) * draws for r in range(dist.size)]
     gathered = dist.allgather_rows(rows, counts)
     if (gathered["status"] != 0).any():
         dist.agree(error)
-    gathered = gathered[np.argsort(gathered["example"], kind="stable")]
-    rewards_e = gathered["reward"]
+    texts_all = [t for part in dist.allgather(texts_mine) for t in part]
+    order = np.lexsort((gathered["sample"], gathered["example"]))
+    rewards_ek = gathered["reward"][order].reshape(len(examples), draws)
+    texts_ek = [texts_all[i] for i in order]
+    completions = [texts_ek[e * draws:(e + 1) * draws] for e in range(len(examples))]
     if s.task.solved_reward is None:
         accuracy = float("nan")
     else:
-        accuracy = float(np.mean(rewards_e >= s.task.solved_reward))
-    return EvalResult(n=len(examples), mean_reward=float(rewards_e.mean()), accuracy=accuracy,
-                      seconds=time.perf_counter() - t0, rewards=rewards_e)
+        accuracy = float(np.mean((rewards_ek >= s.task.solved_reward).any(axis=1)))
+    return EvalResult(n=len(examples), mean_reward=float(rewards_ek.mean()), accuracy=accuracy,
+                      seconds=time.perf_counter() - t0,
+                      rewards=rewards_ek if samples else rewards_ek[:, 0],
+                      completions=completions if samples else [c[0] for c in completions],
+                      samples=samples)
 
 
 def eval_examples(task, limit: int) -> list:

@@ -65,10 +65,12 @@ def _embedding_scale(module: torch.nn.Embedding) -> float | None:
         return None
     scale = getattr(module, "embed_scale", None)
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        if scale.device.type == "meta":  # the skeleton of check_layout: structure only
+            return 1.0
         scale = float(scale)
     if not isinstance(scale, float):
         return None
-    if module.weight.device.type != "meta":  # a structural check only, before loading
+    if module.weight.device.type != "meta":
         ids = torch.arange(min(4, module.num_embeddings), device=module.weight.device)
         with torch.no_grad():
             want = torch.nn.functional.embedding(ids, module.weight) * torch.tensor(
@@ -121,6 +123,22 @@ def perturbed_matrices(model: torch.nn.Module) -> dict[str, list[Use]]:
                       f"does not know: {shown}{more}; it perturbs Linear, Conv1D and "
                       "(scaled) Embedding weights only. Use --mode full")
     return {name: found[name] for name in names.values() if name in found}
+
+
+def check_layout(model_dir: str) -> None:
+    """perturbed_matrices' refusal before any weight loads: on the model's skeleton, built
+    from its config on the meta device (no memory, about a second for a 7B model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    # a model that cannot be built this way is left to the real load to report
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError,
+            RuntimeError, NotImplementedError):
+        return
+    perturbed_matrices(skeleton)
 
 
 def _row_scales(coef: torch.Tensor, rank: int, rows: int) -> torch.Tensor:

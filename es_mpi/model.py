@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,7 +16,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def check_model_dir(path: str) -> Path:
-    """Cheap checks (no weights loaded) that `path` is a Hugging Face causal-LM directory."""
+    """Cheap checks (no weights loaded) that `path` is a Hugging Face causal-LM directory
+    with complete weight files."""
     if not path:
         raise EsError("no model given: pass --model DIR (a Hugging Face model directory)")
     p = Path(path)
@@ -24,17 +28,98 @@ def check_model_dir(path: str) -> Path:
         raise EsError(f"{p} is not a Hugging Face model directory (no config.json); "
                       "save the model there with save_pretrained()")
     try:
-        json.loads(config.read_text())
+        values = json.loads(config.read_text())
     except (OSError, ValueError) as exc:
         raise EsError(f"{config} is not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise EsError(f"{config} is not a JSON object; is it a model's config.json?")
+    _check_causal(p, values)
     if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
         raise EsError(f"{p} has no weights (*.safetensors or *.bin); "
                       "save the model there with save_pretrained()")
+    _check_weight_files(p)
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
                                            "tokenizer.model")):
         raise EsError(f"{p} has no tokenizer files; save the tokenizer there too "
                       "(tokenizer.save_pretrained(DIR))")
     return p
+
+
+def _check_causal(p: Path, config: dict) -> None:
+    """Refuse encoder-decoder and other non-causal models before anything loads."""
+    model_type = config.get("model_type")
+    if config.get("is_encoder_decoder"):
+        raise EsError(f"model {p} is an encoder-decoder ({model_type}); es-mpi fine-tunes "
+                      "decoder-only causal language models (AutoModelForCausalLM)")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not isinstance(model_type, str):
+        raise EsError(f"{p}/config.json has no model_type; save the model with "
+                      "save_pretrained()")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        arch = ", ".join(config.get("architectures") or []) or model_type
+        raise EsError(f"model {p} ({arch}) is not a causal language model that "
+                      "AutoModelForCausalLM can load (encoder-only, encoder-decoder or "
+                      "an unknown model type for this transformers version); es-mpi "
+                      "fine-tunes decoder-only causal LMs")
+
+
+def _check_weight_files(p: Path) -> None:
+    """Every safetensors file is complete (its header covers exactly the file's bytes),
+    and every shard a sharded index names exists: an interrupted copy is named here."""
+    for index in p.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise EsError(f"weights index {index} is damaged (not the JSON of a "
+                          "save_pretrained() index); copy the model again") from None
+        missing = sorted(s for s in shards if not (p / s).is_file())
+        if missing:
+            raise EsError(f"weights file {p / missing[0]} is missing ({len(missing)} of "
+                          f"{len(shards)} shards named by {index.name}); copy the model again")
+    for path in sorted(p.glob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem:
+            raise EsError(f"weights file {path} is damaged: {problem}; it was probably cut "
+                          "short (interrupted copy, full disk): copy the model again")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """None for a complete safetensors file, else what is wrong with it (reads the header)."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                return f"header of {length} bytes in a file of {size}"
+            header = json.loads(fh.read(length))
+    except (OSError, ValueError) as exc:
+        return f"unreadable header ({type(exc).__name__})"
+    if not isinstance(header, dict):
+        return "header is not a JSON object"
+    try:
+        end = max((int(meta["data_offsets"][1]) for key, meta in header.items()
+                   if key != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return "header without valid data offsets"
+    if 8 + length + end > size:
+        return f"{size} bytes where its header needs {8 + length + end}"
+    return None
+
+
+def has_chat_template(path: str | Path) -> bool:
+    """Whether the model directory's tokenizer has a chat template (read without loading)."""
+    p = Path(path)
+    if (p / "chat_template.jinja").is_file() or (p / "chat_template.json").is_file():
+        return True
+    try:
+        config = json.loads((p / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("chat_template"))
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -45,6 +130,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_model(path: str, dtype: str, devices: list[torch.device]):
     """(model, tokenizer) in eval mode; a replica split across devices when there are several."""
+    import pickle
+
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -60,14 +148,19 @@ def load_model(path: str, dtype: str, devices: list[torch.device]):
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch_dtype, device_map="balanced",
                 max_memory={i: int(b * 0.9) for i, b in free.items()})
-    except (OSError, ValueError, KeyError) as exc:
+    # damaged weights surface as any of these (a cut .bin zip, a bad safetensors block)
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError,
+            SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EsError(f"cannot load model from {path}: {first}") from None
     model.eval()
     model.requires_grad_(False)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        # padding is masked out, so any token will do; the EOS where there is one
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        tokenizer.pad_token = fallback if fallback is not None else \
+            tokenizer.convert_ids_to_tokens(0)
     return model, tokenizer
 
 
@@ -90,22 +183,54 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return [eos] if isinstance(eos, int) else [int(e) for e in (eos or [])]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Seeded sampling at `temperature` (plain softmax sampling: no top-k or top-p)."""
+
+    temperature: float
+    seed: int
+
+
+@contextlib.contextmanager
+def _only(model, config):
+    """Within the block, `config` is the model's whole generation config.
+
+    transformers fills every setting a generate call leaves unset from the model's own
+    generation_config.json (sampling, temperature, repetition penalties, n-gram bans,
+    bad words, forced tokens, ...), and several of those change even greedy decoding.
+    Swapping in a config built from scratch leaves nothing to fill from.
+    """
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 @torch.no_grad()
 def generate(model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: int,
-             ignore_eos: bool = False) -> tuple[list[str], list[int]]:
-    """Greedy completions (new tokens only, decoded) and the number of tokens each made.
+             ignore_eos: bool = False,
+             sampling: Sampling | None = None) -> tuple[list[str], list[int]]:
+    """Completions (new tokens only, decoded) and the number of tokens each made.
 
+    Greedy unless `sampling` is given, whatever the model's generation config says.
     `ignore_eos`: always generate max_new_tokens (benchmarks: equal work in every mode).
     """
     from transformers import GenerationConfig
 
     eos = _eos_ids(model, tokenizer)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+    decoding = {"do_sample": False}
+    if sampling is not None:
+        decoding = {"do_sample": True, "temperature": sampling.temperature, "top_k": 0,
+                    "top_p": 1.0}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=eos or None,
-                              min_new_tokens=max_new_tokens if ignore_eos else 0)
+                              min_new_tokens=max_new_tokens if ignore_eos else 0, **decoding)
     if ignore_eos:
         eos = []
-    out = model.generate(**batch, generation_config=config)
+    with _only(model, config), _seeded(sampling, batch["input_ids"].device):
+        out = model.generate(**batch, generation_config=config)
     new = out[:, batch["input_ids"].shape[1]:].cpu()
     tokens = []
     for row in new.tolist():
@@ -117,3 +242,16 @@ def generate(model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: i
         tokens.append(n)
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     return texts, tokens
+
+
+@contextlib.contextmanager
+def _seeded(sampling: Sampling | None, device: torch.device):
+    """Sampling draws from torch's global generator: seed it for the call, then put back
+    the state it had, so nothing else sees the difference."""
+    if sampling is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(sampling.seed)
+        yield

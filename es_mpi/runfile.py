@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import json
 import os
 import resource
 from collections.abc import Callable, Iterator, Mapping
@@ -74,6 +75,9 @@ EVAL_FIELDS: dict[str, str] = {
     "n_examples": "i8",
     "seconds": "f8",
 }
+# /eval/completions: per evaluation, its completions (example order) as one JSON list
+# (a variable-length UTF-8 string); added after format 1 first shipped, "" in older rows
+COMPLETIONS = "completions"
 
 
 @dataclass
@@ -231,6 +235,20 @@ def read_evals(path: str | Path) -> dict[str, np.ndarray]:
         return {name: f["eval"][name][...][keep] for name in EVAL_FIELDS}
 
 
+def read_eval_completions(path: str | Path) -> list[list[str] | None]:
+    """Each committed held-out evaluation's completions, in example order (None where the
+    file was written before completions were recorded)."""
+    with _open(path, "r") as f, _damaged(path, "the held-out completions"):
+        if "eval" not in f:
+            return []
+        complete = int(f.attrs.get("complete_generations", 0))
+        keep = f["eval/generation"][...] <= complete
+        if COMPLETIONS not in f["eval"]:
+            return [None] * int(keep.sum())
+        texts = f["eval"][COMPLETIONS].asstr()[...]
+        return [json.loads(t) if t else None for t, k in zip(texts, keep, strict=True) if k]
+
+
 ROW_BLOCK = 1 << 22  # elements per block when a checkpoint tensor is written or read
 
 
@@ -266,6 +284,11 @@ def apply_checkpoint_(path: str | Path, generation: int,
 def checkpoint_checksum(path: str | Path, generation: int) -> int:
     with _open(path, "r") as f, _damaged(path, f"checkpoint {generation}"):
         return int(f[f"checkpoints/{generation:08d}"].attrs["checksum"])
+
+
+def _add_completions(ev: h5py.Group, rows: int) -> None:
+    ev.create_dataset(COMPLETIONS, shape=(rows,), maxshape=(None,), chunks=(64,),
+                      dtype=h5py.string_dtype("utf-8"))
 
 
 def _add_missing_fields(gen: h5py.Group, rows: int) -> None:
@@ -320,6 +343,7 @@ class RunWriter:
         ev = f.create_group("eval")
         for name, dtype in EVAL_FIELDS.items():
             ev.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(64,))
+        _add_completions(ev, 0)
         f.flush()
         return cls(f)
 
@@ -338,6 +362,8 @@ class RunWriter:
             kept = int(np.searchsorted(gens, complete, side="right"))
             for ds in f["eval"].values():
                 ds.resize(kept, axis=0)
+            if COMPLETIONS not in f["eval"]:
+                _add_completions(f["eval"], kept)
         keep = set(_checkpoint_generations(f, complete))
         for name in list(f["checkpoints"]):
             group = f["checkpoints"][name]
@@ -392,14 +418,19 @@ class RunWriter:
             ds.resize(generation + 1, axis=0)
             ds[generation] = row[name]
 
-    def append_eval(self, row: dict[str, float | int]) -> None:
-        """A held-out evaluation; like a generation row it counts once committed."""
+    def append_eval(self, row: dict[str, float | int], completions: list[str]) -> None:
+        """A held-out evaluation and its completions; like a generation row it counts once
+        committed."""
         ev = self.f["eval"]
         n = ev["generation"].shape[0]
+        text = json.dumps(completions, ensure_ascii=False)
+        self.check_space(len(text.encode()), "a held-out evaluation")
         for name in EVAL_FIELDS:
             ds = ev[name]
             ds.resize(n + 1, axis=0)
             ds[n] = row[name]
+        ev[COMPLETIONS].resize(n + 1, axis=0)
+        ev[COMPLETIONS][n] = text
 
     def set_field(self, generation: int, name: str, value: float) -> None:
         self.f["generations"][name][generation] = value

@@ -93,9 +93,15 @@ class Session:
 
 def check_task(cfg: Config) -> tuple[Task, list]:
     task = get_task(cfg.task, data=cfg.task_data or None, reward=cfg.reward or None)
+    task.prompt_format = cfg.prompt_format
     train = task.train_examples()
     if not train:
         raise EsError(f"task {cfg.task} has no training examples")
+    if cfg.train_limit:
+        if cfg.train_limit > len(train):
+            raise EsError(f"train_limit {cfg.train_limit} exceeds the {len(train)} training "
+                          f"examples of task {cfg.task}; use at most {len(train)} (0 = all)")
+        train = train[:cfg.train_limit]
     if cfg.eval_every and not task.eval_examples():
         raise EsError(f"--eval-every {cfg.eval_every}: task {cfg.task} has no held-out examples")
     if cfg.batch_size > len(train):
@@ -325,7 +331,7 @@ def held_out(s: Session, writer: runfile.RunWriter | None, generation: int) -> E
     if writer is not None:
         writer.append_eval({"generation": generation, "mean_reward": result.mean_reward,
                             "accuracy": result.accuracy, "n_examples": result.n,
-                            "seconds": result.seconds})
+                            "seconds": result.seconds}, result.completions)
     return result
 
 

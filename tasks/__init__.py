@@ -12,13 +12,14 @@ from es_mpi.errors import EsError
 from tasks.arithmetic import Arithmetic
 from tasks.base import Example, Task
 from tasks.conciseness import Conciseness, ConcisenessCorrect
-from tasks.countdown import Countdown
+from tasks.countdown import Countdown, CountdownPaper
 
 TASKS: dict[str, type[Task]] = {
     "arithmetic": Arithmetic,
     "conciseness": Conciseness,
     "conciseness-correct": ConcisenessCorrect,
     "countdown": Countdown,
+    "countdown-paper": CountdownPaper,
 }
 
 

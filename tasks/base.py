@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from es_mpi.errors import EsError
+
 Example = dict[str, Any]
 
 
@@ -15,7 +17,9 @@ class Task:
     """
 
     name: str = "task"
-    use_chat_template: bool = True  # False: the prompt is the raw text, as in the paper
+    # chat: through the tokenizer's chat template; raw: the text as is (the paper's);
+    # auto: chat where the tokenizer has a template. Set from the run's --prompt-format.
+    prompt_format: str = "auto"
     # an example counts as solved when its reward >= this (None: report mean reward only)
     solved_reward: float | None = None
 
@@ -30,10 +34,14 @@ class Task:
 
     def templated(self, tokenizer) -> bool:
         """Whether prompts go through the tokenizer's chat template."""
-        return self.use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if self.prompt_format == "chat" and not has_template:
+            raise EsError("--prompt-format chat: the tokenizer has no chat template; "
+                          "use --prompt-format raw")
+        return self.prompt_format != "raw" and has_template
 
     def prompt(self, example: Example, tokenizer) -> str:
-        """The model's input text: the chat template where the tokenizer has one."""
+        """The model's input text: through the chat template, or the raw text."""
         text = self.user_text(example)
         if self.templated(tokenizer):
             return tokenizer.apply_chat_template(

@@ -20,13 +20,35 @@ Answers are parsed by a small recursive-descent parser here, never by Python's e
 `score` only scans the completion with str.rfind, so a multi-megabyte completion costs
 about a millisecond and nothing in it can make `score` raise.
 
+`countdown-paper` scores as the paper's checker does (countdown_task.reward_function of
+its repository), with the same total 0.1 * format + answer:
+
+- format, on "<think>" + completion (the paper's prompt ends in <think>): 1.0 for the
+  whole `<think>...</think>\n<answer>...</answer>` and nothing else, otherwise 0.1 for a
+  <think>...</think> block plus 0.5 for an <answer>...</answer> block anywhere.
+- answer = 1 when the last <answer> block anywhere (reasoning included) holds only
+  digits, + - * / ( ) and spaces, its numbers (digit runs) are exactly the given ones,
+  and it is a Python expression whose value is within 1e-5 of the target: unary minus,
+  `**` and `//` count, as they do for Python's eval. The expression is parsed with `ast`
+  and computed exactly here (never eval-ed), with bounds: at most MAX_ANSWER_CHARS
+  characters, values of at most MAX_PAPER_BITS bits. The paper's checker has neither
+  bound; no answer over four numbers that it credits is refused by them in practice.
+
+Targets may be integers or decimal numbers (the paper's data file gives targets as
+strings, some of them "27.4" or "-3"); they are compared exactly.
+
 Examples are generated from a seed (`generate`) or loaded from a .json/.jsonl file
-(tasks/data.py; "split" fields or the last 20% make the eval set).
+(tasks/data.py; "split" fields or the last 20% make the eval set), the paper's
+countdown.json among them (objects with context, numbers, target, solution); with
+`--prompt-format raw` an example's "context" is the prompt, as in the paper's script.
 """
 
 from __future__ import annotations
 
+import ast
+import math
 import random
+import re
 from collections import Counter
 from collections.abc import Iterator
 from fractions import Fraction
@@ -61,7 +83,12 @@ RAW_PROMPT = (
 # Reward
 
 
-def score(completion: str, numbers: list[int], target: int) -> float:
+def target_value(target: int | float | str) -> Fraction:
+    """A checked example's target as an exact number ("27.4" is 137/5)."""
+    return Fraction(str(target).strip())
+
+
+def score(completion: str, numbers: list[int], target: int | Fraction) -> float:
     """0.1 for a well-placed <answer> block, plus 1 if its expression solves the example."""
     span = _answer_span(completion)
     if span is None:
@@ -198,6 +225,133 @@ def _bounded(value: Fraction) -> Fraction:
 
 
 # ---------------------------------------------------------------------------------------
+# The paper's reward (countdown-paper)
+
+PAPER_FORMAT_FULL, PAPER_THINK, PAPER_ANSWER = 1.0, 0.1, 0.5
+MAX_PAPER_BITS = 1100  # beyond float's range: the paper's float(result) fails there too
+_PAPER_CHARS = frozenset("0123456789+-*/() ")
+
+
+def paper_format(response: str) -> float:
+    """The paper's format reward of `response` ("<think>" + completion), without regexes
+    (so without their backtracking): the same value as its three re.DOTALL patterns."""
+    end = len(response) - 1 if response.endswith("\n") else len(response)  # `$`
+    body = response[:end]
+    if response.startswith("<think>") and body.endswith("</answer>"):
+        # ^<think>.*?</think>\n<answer>.*?</answer>$: the first "</think>\n<answer>" after
+        # the opening tag must end before the closing "</answer>"
+        k = response.find("</think>\n<answer>", len("<think>"))
+        if k >= 0 and k + len("</think>\n<answer>") <= end - len("</answer>"):
+            return PAPER_FORMAT_FULL
+    reward = 0.0
+    if _block(response, "<think>", "</think>") is not None:
+        reward += PAPER_THINK
+    if _block(response, "<answer>", "</answer>") is not None:
+        reward += PAPER_ANSWER
+    return reward
+
+
+def _block(text: str, open_: str, close: str, start: int = 0) -> tuple[int, int] | None:
+    """The first open_ ... close pair (shortest content) at or after `start`."""
+    i = text.find(open_, start)
+    if i < 0:
+        return None
+    j = text.find(close, i + len(open_))
+    return None if j < 0 else (i + len(open_), j)
+
+
+def _last_answer(completion: str) -> str | None:
+    """The content of the last match of the paper's <answer>(.*?)</answer> (re.findall)."""
+    last, start = None, 0
+    while (span := _block(completion, "<answer>", "</answer>", start)) is not None:
+        last, start = span, span[1] + len("</answer>")
+    return None if last is None else completion[last[0]:last[1]]
+
+
+def paper_answer(completion: str, numbers: list[int], target: int | Fraction) -> float:
+    """1.0 if the last <answer> block solves the example as the paper's checker sees it."""
+    content = _last_answer(completion)
+    if not content or len(content) > MAX_ANSWER_CHARS:
+        return 0.0
+    # ^[0-9+\-*/() ]+$ with re.match: `$` also matches before one trailing newline
+    chars = content[:-1] if content.endswith("\n") else content
+    if not chars or not _PAPER_CHARS.issuperset(chars):
+        return 0.0
+    if sorted(int(n) for n in re.findall(r"\d+", content)) != sorted(numbers):
+        return 0.0
+    value = python_value(content)
+    if value is None:
+        return 0.0
+    return 1.0 if abs(value - target) < TOLERANCE else 0.0
+
+
+def python_value(expression: str) -> Fraction | None:
+    """What Python's eval makes of an arithmetic expression, computed exactly and bounded;
+    None where eval would raise (syntax, division by zero, a complex result) or a value
+    leaves MAX_PAPER_BITS. Never evaluates code: only numbers and + - * / // ** nodes."""
+    try:  # eval() strips leading spaces and tabs; ast.parse does not
+        tree = ast.parse(expression.lstrip(" \t"), mode="eval")
+        return _python_value(tree.body)
+    except (SyntaxError, ValueError, RecursionError, MemoryError, ZeroDivisionError,
+            _Invalid):
+        return None
+
+
+def _python_value(node: ast.AST) -> Fraction:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return _wide(Fraction(node.value))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        value = _python_value(node.operand)
+        return -value if isinstance(node.op, ast.USub) else value
+    if not isinstance(node, ast.BinOp):
+        raise _Invalid(f"not arithmetic: {type(node).__name__}")
+    left, right = _python_value(node.left), _python_value(node.right)
+    if isinstance(node.op, ast.Add):
+        return _wide(left + right)
+    if isinstance(node.op, ast.Sub):
+        return _wide(left - right)
+    if isinstance(node.op, ast.Mult):
+        return _wide(left * right)
+    if isinstance(node.op, ast.Div):
+        return _wide(left / right)  # ZeroDivisionError, as in Python
+    if isinstance(node.op, ast.FloorDiv):
+        return _wide(Fraction(left // right))
+    if isinstance(node.op, ast.Pow):
+        return _power(left, right)
+    raise _Invalid(f"operator {type(node.op).__name__}")
+
+
+def _power(base: Fraction, exponent: Fraction) -> Fraction:
+    if exponent.denominator == 1:
+        bits = max(base.numerator.bit_length(), base.denominator.bit_length())
+        if abs(exponent.numerator) * bits > MAX_PAPER_BITS:
+            raise _Invalid("power out of range")
+        return _wide(base ** exponent.numerator)  # 0 ** -1: ZeroDivisionError, as in Python
+    if base < 0:
+        raise _Invalid("complex result")  # Python gives a complex; float() of it raises
+    if base == 0:
+        if exponent < 0:
+            raise ZeroDivisionError
+        return Fraction(0)
+    try:  # Python computes a fractional power in floating point; so does this
+        return _wide(Fraction(math.pow(float(base), float(exponent))))
+    except (OverflowError, ValueError):
+        raise _Invalid("power out of range") from None
+
+
+def _wide(value: Fraction) -> Fraction:
+    if max(value.numerator.bit_length(), value.denominator.bit_length()) > MAX_PAPER_BITS:
+        raise _Invalid("value out of range")
+    return value
+
+
+def paper_score(completion: str, numbers: list[int], target: int | Fraction) -> float:
+    """The paper's reward: 0.1 * format("<think>" + completion) + answer(completion)."""
+    return FORMAT_WEIGHT * paper_format("<think>" + completion) + paper_answer(
+        completion, numbers, target)
+
+
+# ---------------------------------------------------------------------------------------
 # Solver and generator
 
 
@@ -309,21 +463,40 @@ def check_example(example: Example) -> str | None:
     "nums" (the name in TinyZero's data) is accepted for "numbers"; "solution" is optional.
     """
     field = "nums" if "nums" in example and "numbers" not in example else "numbers"
-    problem = require(example, field, list) or require(example, "target", int)
+    problem = require(example, field, list) or require(example, "target", (int, float, str))
     if problem:
         return problem
     numbers = example[field]
     if not numbers or not all(type(n) is int and n > 0 for n in numbers):
         return f"field {field!r} must be a non-empty list of positive integers"
-    return require(example, "solution", str) if "solution" in example else None
+    if not _is_decimal(example["target"]):
+        return (f"field 'target' must be a number or a decimal string such as \"27.4\", "
+                f"not {example['target']!r}")
+    for optional in ("solution", "context"):
+        if optional in example and (problem := require(example, optional, str)):
+            return problem
+    return None
+
+
+_DECIMAL = re.compile(r"[+-]?\d{1,30}(\.\d{1,30})?")
+
+
+def _is_decimal(target: int | float | str) -> bool:
+    if isinstance(target, float):
+        return math.isfinite(target)
+    return isinstance(target, int) or _DECIMAL.fullmatch(target.strip()) is not None
 
 
 def from_record(record: Example) -> Example:
-    """A checked file record as an example with the generator's field names only."""
+    """A checked file record as an example with the generator's field names; the paper's
+    "context" (its raw prompt) is kept, and an integral target becomes an int."""
+    target = record["target"]
+    value = target_value(target)
     example: Example = {"numbers": list(record.get("numbers", record.get("nums"))),
-                        "target": record["target"]}
-    if "solution" in record:
-        example["solution"] = record["solution"]
+                        "target": int(value) if value.denominator == 1 else target}
+    for optional in ("solution", "context"):
+        if optional in record:
+            example[optional] = record[optional]
     return example
 
 
@@ -350,10 +523,20 @@ class Countdown(ProceduralTask, Task):
         )
 
     def prompt(self, example: Example, tokenizer) -> str:
-        """The chat template where used; otherwise the paper's raw text, ending in <think>."""
+        """The chat template where used; otherwise the example's own raw prompt (the
+        paper's data file has one, "context") or the paper's raw text, ending in <think>."""
         if self.templated(tokenizer):
             return super().prompt(example, tokenizer)
-        return RAW_PROMPT.format(question=self.user_text(example))
+        return example.get("context") or RAW_PROMPT.format(question=self.user_text(example))
 
     def reward(self, completion: str, example: Example) -> float:
-        return score(completion, example["numbers"], example["target"])
+        return score(completion, example["numbers"], target_value(example["target"]))
+
+
+class CountdownPaper(Countdown):
+    """Countdown scored as the paper's checker scores it (graded format, Python syntax)."""
+
+    name = "countdown-paper"
+
+    def reward(self, completion: str, example: Example) -> float:
+        return paper_score(completion, example["numbers"], target_value(example["target"]))

@@ -197,7 +197,7 @@ def test_prompt_holds_the_numbers_and_target_and_the_raw_form_ends_in_think():
             return f"<user>{messages[0]['content']}</user><assistant>"
 
     assert task.prompt(example, ChatTokenizer()) == f"<user>{text}</user><assistant>"
-    task.use_chat_template = False
+    task.prompt_format = "raw"
     raw = task.prompt(example, ChatTokenizer())
     assert raw.startswith("A conversation between User and Assistant.")
     assert f"\nUser: {text}\nAssistant: Let me solve this step by step.\n" in raw
@@ -234,7 +234,13 @@ def test_loads_jsonl_and_json_files(tmp_path):
     ("typed.json", '[{"numbers": [1, 2], "target": 3}, {"numbers": [1, "2"], "target": 3}]',
      r"typed.json: record 2: field 'numbers' must be a non-empty list of positive integers"),
     ("zero.jsonl", '{"nums": [0, 2], "target": 3}\n', r"line 1: field 'nums' must be a non-empty"),
-    ("float.jsonl", '{"numbers": [1, 2], "target": 3.0}\n', r"line 1: field 'target' must be int"),
+    ("text.jsonl", '{"numbers": [1, 2], "target": "three"}\n',
+     r"line 1: field 'target' must be a number or a decimal string such as \"27.4\", not 'three'"),
+    ("bool.jsonl", '{"numbers": [1, 2], "target": true}\n',
+     r"line 1: field 'target' must be int or float or str, not bool"),
+    ("nan.jsonl", '{"numbers": [1, 2], "target": NaN}\n', r"line 1: field 'target' must be a"),
+    ("context.jsonl", '{"numbers": [1, 2], "target": 3, "context": 7}\n',
+     r"line 1: field 'context' must be str, not int"),
     ("list.jsonl", "[1, 2, 3]\n", r"line 1: not a JSON object"),
     ("empty.jsonl", "\n\n", r"empty.jsonl holds no examples"),
     ("evalonly.jsonl", '{"numbers": [1, 2], "target": 3, "split": "eval"}\n',
@@ -252,3 +258,117 @@ def test_bad_files_raise_one_line_errors(tmp_path, name, content, message):
 def test_a_missing_file_names_the_path(tmp_path):
     with pytest.raises(EsError, match=r"nope.jsonl does not exist"):
         Countdown(data=str(tmp_path / "nope.jsonl"))
+
+
+# -- the paper's reward (countdown-paper) -------------------------------------------------
+
+def paper_reference(response: str, numbers: list[int], target: float) -> float:
+    """The paper's countdown_task.reward_function, re-typed from its repository: regexes
+    and Python's eval (safe here: only small given numbers reach it)."""
+    import re
+
+    def format_reward(text):
+        if re.match(r"^<think>.*?<\/think>\n<answer>.*?<\/answer>$", text, re.DOTALL):
+            return 1.0
+        return (0.1 if re.search(r"<think>.*?<\/think>", text, re.DOTALL) else 0.0) + (
+            0.5 if re.search(r"<answer>.*?<\/answer>", text, re.DOTALL) else 0.0)
+
+    def answer_reward(text):
+        matches = re.findall(r"<answer>(.*?)<\/answer>", text, re.DOTALL)
+        if not matches:
+            return 0.0
+        content = matches[-1]
+        if not content or not re.match(r"^[0-9+\-*/() ]+$", content):
+            return 0.0
+        if sorted(int(n) for n in re.findall(r"\d+", content)) != sorted(numbers):
+            return 0.0
+        try:
+            result = eval(content, {"__builtins__": None}, {})  # noqa: S307 - the reference
+            return 1.0 if abs(float(result) - float(target)) < 1e-5 else 0.0
+        except Exception:  # noqa: BLE001 - as the paper's checker
+            return 0.0
+
+    return 0.1 * format_reward("<think>" + response) + answer_reward(response)
+
+
+@pytest.mark.parametrize(("completion", "expected"), [
+    ("reasoning</think>\n<answer>44 + 19 + 35</answer>", 1.1),       # full format, solved
+    ("reasoning</think>\n<answer>44 + 19 + 35</answer>\n", 1.1),     # `$` before a newline
+    ("reasoning</think> <answer>44 + 19 + 35</answer>", 1.06),       # no newline: 0.1 + 0.5
+    ("reasoning</think>\n<answer>44 + 19 + 34</answer>", 0.1),       # full format, wrong
+    ("no tags at all", 0.0),                                          # "<think>" alone: 0
+    ("</think>", 0.01),                                               # the think block only
+    ("<answer>98</answer>", 0.05),                                    # answer block, wrong
+    ("</think>\n<answer>-(-44) + 19 + 35</answer>", 1.1),            # unary minus counts
+    ("</think>\n<answer>44 + 19 + 35 ** 1</answer>", 0.1),           # 1 is not given
+    ("<answer>44 + 19 + 35</answer> more</think>", 1.06),            # answer anywhere
+    ("</think>\n<answer>44 +\n19 + 35</answer>", 0.1),               # newline inside
+    ("</think>\n<answer>44 + 19 + 035</answer>", 0.1),               # Python refuses 035
+])
+def test_paper_score_examples_agree_with_the_papers_checker(completion, expected):
+    from tasks.countdown import paper_score
+
+    assert paper_score(completion, NUMBERS, TARGET) == pytest.approx(expected)
+    assert paper_reference(completion, NUMBERS, TARGET) == pytest.approx(expected)
+
+
+def test_paper_score_equals_the_papers_checker_on_generated_completions():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from tasks.countdown import paper_score, target_value
+
+    pieces = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "\n", " ", "2",
+                              "3", "5", "+", "-", "*", "/", "(", ")", "**", "//", "x", "0"])
+    targets = st.sampled_from(["10", "30", "-3", "0.4", "1.5", "7", "243", "1"])
+
+    @settings(max_examples=3000, deadline=None, derandomize=True)
+    @given(st.lists(pieces, max_size=24).map("".join), targets)
+    def check(completion, target):
+        numbers = [2, 3, 5]
+        got = paper_score(completion, numbers, target_value(target))
+        assert got == pytest.approx(paper_reference(completion, numbers, float(target))), \
+            completion
+
+    check()
+
+
+def test_paper_format_is_linear_on_huge_completions():
+    from tasks.countdown import paper_score
+
+    completion = "</think>\n<answer>" * 200_000 + "x</answer>y"  # quadratic for a regex
+    t0 = time.perf_counter()
+    assert paper_score(completion, NUMBERS, TARGET) == pytest.approx(0.06)
+    assert time.perf_counter() - t0 < 5  # a bound on a runaway, not a speed target
+
+
+def test_the_papers_data_file_loads_as_is(tmp_path):
+    """countdown.json of the paper: context, numbers, target as a string (some decimal or
+    negative), solution; the raw prompt is the context, verbatim."""
+    from tasks.countdown import CountdownPaper
+
+    context = "A conversation ... Using the numbers [4, 5, 2], create ... 27.4.\n<think>"
+    records = [{"context": context, "numbers": [4, 5, 2], "target": "27.4",
+                "solution": "(4 + 5) * 2 + 9.4"},
+               {"context": "c2", "numbers": [3, 5], "target": "-2", "solution": "3 - 5"},
+               {"context": "c3", "numbers": [44, 19, 35], "target": "98", "solution": "x"},
+               {"context": "c4", "numbers": [137, 5], "target": "27.4", "solution": "137/5"},
+               {"context": "c5", "numbers": [1, 2], "target": "3", "solution": "1 + 2"}]
+    path = tmp_path / "countdown.json"
+    path.write_text(json.dumps(records))
+    for cls in (Countdown, CountdownPaper):
+        task = cls(data=str(path))
+        train, held_out = task.train_examples(), task.eval_examples()
+        assert [e["target"] for e in train] == ["27.4", -2, 98, "27.4"]
+        assert held_out == [{"numbers": [1, 2], "target": 3, "solution": "1 + 2",
+                             "context": "c5"}]
+        task.prompt_format = "raw"
+        assert task.prompt(train[0], tokenizer=None) == context
+        assert task.reward("</think>\n<answer>137 / 5</answer>", train[3]) == \
+            pytest.approx(1.1)
+        assert task.reward("</think>\n<answer>137 / 5</answer>", train[0]) < 1.0
+    # the strict checker has no unary minus; the paper's accepts it, as Python does
+    assert Countdown(data=str(path)).reward("<answer>3 - 5</answer>", train[1]) == 1.1
+    assert CountdownPaper(data=str(path)).reward("</think>\n<answer>-5 + 3</answer>",
+                                                 train[1]) == pytest.approx(1.1)
+    assert Countdown(data=str(path)).reward("<answer>-5 + 3</answer>", train[1]) == 0.1

@@ -43,8 +43,17 @@ def test_prompt_uses_the_chat_template_or_raw_text(tiny_model):
     prompt = task.prompt(example, tok)
     assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
     assert example["prompt"] in prompt and task.templated(tok)
-    task.use_chat_template = False
+    task.prompt_format = "chat"
+    assert task.prompt(example, tok) == prompt
+    task.prompt_format = "raw"
     assert task.prompt(example, tok) == example["prompt"] and not task.templated(tok)
+    tok.chat_template = None  # a base model's tokenizer
+    task.prompt_format = "auto"
+    assert task.prompt(example, tok) == example["prompt"] and not task.templated(tok)
+    task.prompt_format = "chat"
+    with pytest.raises(EsError, match="the tokenizer has no chat template; use "
+                                      "--prompt-format raw"):
+        task.prompt(example, tok)
 
 
 def test_unknown_task_lists_the_known_ones():

@@ -103,9 +103,11 @@ def make_tiny_arch(path: str | Path, arch: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     # random init gives tiny logits; scale up so greedy outputs differ between members
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(20.0 if not config.tie_word_embeddings
-                                                  else 4.0)
+    # (not a tied head: larger embeddings would drown the layers, and every model would
+    # repeat its input token whatever the perturbation)
+    if not config.tie_word_embeddings:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(20.0)
     model.save_pretrained(path)
     return path
 
