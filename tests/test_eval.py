@@ -83,3 +83,43 @@ def test_countdown_end_to_end_on_two_ranks(tiny_model, tmp_path):
         assert f["generations/prompt_ids"][0].tolist() != f["generations/prompt_ids"][1].tolist()
         assert f["eval/accuracy"][:].tolist() == [0.0, 0.0]
         assert f["eval/n_examples"][:].tolist() == [4, 4]
+
+
+EVEN_TASK = '''
+from tasks.conciseness import Conciseness
+
+class EvenLength(Conciseness):
+    """Solved when the completion has an even number of characters."""
+    solved_reward = 1.0
+
+    def reward(self, completion, example):
+        return float(len(completion) % 2 == 0)
+'''
+
+
+def test_sampled_eval_is_seeded_the_same_on_one_and_two_ranks(tiny_model, tmp_path):
+    (tmp_path / "even_task.py").write_text(EVEN_TASK)
+
+    def sampled(np=None, seed="7"):
+        result = run_cli(["eval", tiny_model, "--task", "even_task:EvenLength",
+                          "--max-new-tokens", "6", "--batch-size", "4", "--samples", "3",
+                          "--temperature", "1.5", "--seed", seed, "--json"], np=np, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    one, two = sampled(), sampled(np=2)
+    assert one == {**two, "seconds": one["seconds"],
+                   "sampled": {**two["sampled"], "seconds": one["sampled"]["seconds"]}}
+    draws = one["sampled"]
+    assert draws["samples"] == 3 and len(draws["completions"]) == one["n_examples"] == 6
+    # rewards rescored here from the completions, pass@3 and the mean from those
+    rescored = [[float(len(c) % 2 == 0) for c in row] for row in draws["completions"]]
+    assert draws["rewards"] == rescored
+    assert draws["pass_at_3"] == pytest.approx(np.mean([max(r) for r in rescored]))
+    assert draws["mean_reward"] == pytest.approx(np.mean(rescored))
+    assert one["accuracy"] == pytest.approx(np.mean(one["rewards"]))  # greedy: the share
+    # they are samples: not all the greedy completion, and another seed draws others
+    flat = [c for row in draws["completions"] for c in row]
+    greedy = [c for c in one["completions"] for _ in range(3)]
+    assert flat != greedy and len(set(flat)) > len(set(one["completions"]))
+    assert sampled(seed="8")["sampled"]["completions"] != draws["completions"]
