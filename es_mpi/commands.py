@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from es_mpi import model as hf
 from es_mpi import lowrank, progress, report, runfile
+from es_mpi import model as hf
 from es_mpi.config import Config
 from es_mpi.dist import Dist, set_threads
 from es_mpi.errors import EsError

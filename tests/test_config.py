@@ -77,3 +77,29 @@ def test_every_shipped_preset_is_a_valid_config_of_a_known_task(name):
 def test_unknown_preset_lists_the_shipped_ones():
     with pytest.raises(EsError, match=r"choose one of .*reasoning-lowrank-cpu"):
         presets.load("reasoning")
+
+
+# the constants of the paper's scripts (es_fine-tuning_conciseness.py and
+# es_fine-tuning_countdown_accl.py), written out by hand
+PAPER = {
+    "conciseness": {"population": 30, "sigma": 0.001, "lr": 0.0005, "generations": 1000,
+                    "max_new_tokens": 100, "task": "conciseness"},
+    "countdown": {"population": 30, "sigma": 0.001, "lr": 0.0005, "generations": 1000,
+                  "max_new_tokens": 1024, "task": "countdown-paper", "train_limit": 200},
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_the_paper_presets_hold_the_papers_settings(name):
+    from es_mpi.config import Config
+    from es_mpi.train import check_task
+
+    cfg = Config.from_dict(presets.load(name))
+    for key, value in PAPER[name].items():
+        assert getattr(cfg, key) == value, key
+    # greedy full-parameter ES on raw prompts, one noise per member, z-scored, no decay
+    assert (cfg.mode, cfg.prompt_format, cfg.antithetic, cfg.shaping, cfg.weight_decay,
+            cfg.batch_size) == ("full", "raw", False, "zscore", 0.0, 0)
+    task, train = check_task(cfg)
+    assert len(train) == {"conciseness": 2, "countdown": 200}[name]
+    assert task.prompt_format == "raw"

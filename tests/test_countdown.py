@@ -283,7 +283,7 @@ def paper_reference(response: str, numbers: list[int], target: float) -> float:
         if sorted(int(n) for n in re.findall(r"\d+", content)) != sorted(numbers):
             return 0.0
         try:
-            result = eval(content, {"__builtins__": None}, {})  # noqa: S307 - the reference
+            result = eval(content, {"__builtins__": None}, {})
             return 1.0 if abs(float(result) - float(target)) < 1e-5 else 0.0
         except Exception:  # noqa: BLE001 - as the paper's checker
             return 0.0

@@ -7,12 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_model import ARCHS, make_tiny_arch, make_tiny_model
 
 from es_mpi import lowrank
 from es_mpi.es import LowRankNoise, Replica, es_update_
 from es_mpi.noise import lowrank_factors
-from tiny_model import ARCHS, make_tiny_arch, make_tiny_model
-
 
 MODELS = ["untied", "tied", *ARCHS]  # the Llama of most tests, then the architecture matrix
 

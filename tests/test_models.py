@@ -48,9 +48,10 @@ def test_chat_format_without_a_chat_template_is_refused_before_loading(tiny_mode
 
 
 @pytest.mark.parametrize(("config", "needle"), [
-    ({"model_type": "t5", "is_encoder_decoder": True, "architectures": ["T5ForConditionalGeneration"]},
-     "is an encoder-decoder (t5)"),
-    ({"model_type": "vit", "architectures": ["ViTModel"]}, "(ViTModel) is not a causal language model"),
+    ({"model_type": "t5", "is_encoder_decoder": True,
+      "architectures": ["T5ForConditionalGeneration"]}, "is an encoder-decoder (t5)"),
+    ({"model_type": "vit", "architectures": ["ViTModel"]},
+     "(ViTModel) is not a causal language model"),
 ])
 def test_non_causal_models_are_refused_from_their_config(tiny_model, tmp_path, config, needle):
     model = tmp_path / "model"
