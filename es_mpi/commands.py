@@ -280,9 +280,12 @@ def inspect_summary(path: str) -> dict:
         "seconds_total": float(np.sum(rows["time_total"])),
         "last_generations": last,
         "evals": [{"generation": int(g), "mean_reward": float(m),
-                   "accuracy": None if np.isnan(a) else float(a), "n_examples": int(n)}
-                  for g, m, a, n in zip(evals["generation"], evals["mean_reward"],
-                                        evals["accuracy"], evals["n_examples"], strict=True)],
+                   "accuracy": None if np.isnan(a) else float(a), "n_examples": int(n),
+                   "completions": texts}
+                  for g, m, a, n, texts in zip(evals["generation"], evals["mean_reward"],
+                                               evals["accuracy"], evals["n_examples"],
+                                               runfile.read_eval_completions(path),
+                                               strict=True)],
     }
 
 

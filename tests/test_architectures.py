@@ -77,7 +77,7 @@ def test_architecture_end_to_end(arch_model, mode, tmp_path):
     # the exported weights, read by plain transformers, generate what the run evaluated
     out = tmp_path / "export"
     cli_in_process(["export", two, out])
-    exported, base = safe_tensors(out), safe_tensors(model)
+    exported, base = state_dict(out), state_dict(model)
     for name, delta in delta_two.items():  # theta_3 = fp32(theta_0 + delta), then fix-ups
         want = (base[name].float() + torch.from_numpy(delta)).view(-1)
         if name in fix_two:
@@ -95,13 +95,11 @@ def test_architecture_end_to_end(arch_model, mode, tmp_path):
     assert (tmp_path / "gen1" / "config.json").is_file()
 
 
-def safe_tensors(model_dir) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def state_dict(model_dir) -> dict[str, torch.Tensor]:
+    """The weights under their in-memory names (a checkpoint may store other names)."""
+    from transformers import AutoModelForCausalLM
 
-    tensors = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(path))
-    return tensors
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
 
 
 def completions_of(model_dir, config: dict) -> list[str]:

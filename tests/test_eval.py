@@ -54,6 +54,8 @@ def test_eval_every_records_held_out_scores(run_with_evals):
     info = json.loads(run_cli(["inspect", path, "--json"]).stdout)
     assert [e["generation"] for e in info["evals"]] == [0, 2, 4]
     assert info["evals"][2]["mean_reward"] == recorded[2]
+    # the recorded completions are what the weights of generation 4 generate, made anew
+    assert info["evals"][2]["completions"] == eval_json(f"{path}@4")["completions"]
     assert eval_json(f"{path}@2", np=2)["mean_reward"] == pytest.approx(recorded[1], abs=0)
 
 

@@ -593,14 +593,20 @@ def test_batched_rewards_returning_the_wrong_count_are_refused():
 # -- 6. soak ----------------------------------------------------------------------------
 
 def test_short_soak_ends_identical_to_an_uninterrupted_run(tiny_model, tmp_path):
-    """tools/soak.py in short: 12 generations in 3 legs on 2, 1, 2 ranks, ended by SIGKILL
-    of rank 0, by SIGUSR1 and by the generation target, each resumed; the final weights are
-    bit-identical to one uninterrupted run."""
+    """tools/soak.py in short: 20 generations in legs of about 4 on 2, 1, 2, ... ranks,
+    ended by SIGKILL of a rank, by SIGUSR1 and by the generation target, each resumed; the
+    final weights are bit-identical to one uninterrupted run. (A leg can overshoot its
+    target by a generation or two on a loaded machine, so the legs are counted, not
+    listed.)"""
+    import re
+
     soak = Path(__file__).parent.parent / "tools" / "soak.py"
-    result = subprocess.run([sys.executable, str(soak), "--generations", "12", "--every", "4",
+    result = subprocess.run([sys.executable, str(soak), "--generations", "20", "--every", "4",
                              "--jitter", "0.05",
                              "--model", str(tiny_model), "--workdir", str(tmp_path)],
                             capture_output=True, text=True, timeout=300, env=cli_env())
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 by target, 1 by SIGUSR1, 1 by SIGKILL of a rank" in result.stdout
+    ends = re.search(r"(\d+) by target, (\d+) by SIGUSR1, (\d+) by SIGKILL of a rank",
+                     result.stdout)
+    assert ends and all(int(n) >= 1 for n in ends.groups()), result.stdout
     assert "identical to the uninterrupted run: yes" in result.stdout
