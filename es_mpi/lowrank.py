@@ -198,6 +198,7 @@ def population(matrices: dict[str, list[Use]], master: dict[str, torch.Tensor],
     if rows % len(seeds):
         raise ValueError(f"{rows} rows do not split into {len(seeds)} members")
     handles = []
+    scales_of: dict[tuple, torch.Tensor] = {}  # the row scales of a (device, dtype): one copy
     try:
         for name, uses in matrices.items():
             theta = master[name]
@@ -205,9 +206,12 @@ def population(matrices: dict[str, list[Use]], master: dict[str, torch.Tensor],
             pairs = [noise.factors(seed, name, theta) for seed in seeds]
             a = torch.cat([a for a, _ in pairs], dim=1).to(weight.device, weight.dtype)
             b = torch.cat([b for _, b in pairs], dim=1).to(weight.device, weight.dtype)
-            coef = torch.tensor([sign * sigma * noise.scale for sign in signs],
-                                dtype=weight.dtype, device=weight.device)
-            scales = _row_scales(coef, noise.rank, rows)
+            key = (weight.device, weight.dtype)
+            if key not in scales_of:
+                coef = torch.tensor([sign * sigma * noise.scale for sign in signs],
+                                    dtype=weight.dtype, device=weight.device)
+                scales_of[key] = _row_scales(coef, noise.rank, rows)
+            scales = scales_of[key]
             for use in uses:
                 handles.append(use.module.register_forward_hook(_hook(use, a, b, scales)))
         yield

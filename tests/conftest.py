@@ -44,6 +44,24 @@ def run_cli(args: list[str], np: int | None = None, timeout: float = 300,
                           cwd=cwd)
 
 
+def cli_in_process(args: list) -> None:
+    """`es-mpi ARGS` as one rank in this process (no launcher: a world of one)."""
+    from es_mpi.cli import cli
+
+    cli.main([str(a) for a in args], standalone_mode=False)
+
+
+def one_error_line(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """A finished `es-mpi` process exited 2 with exactly one stderr line, the error line,
+    holding every needle."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("es-mpi: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 def run_python_mpi(script: Path, args: list[str], np: int,
                    timeout: float = 300) -> subprocess.CompletedProcess:
     if not MPIEXEC:

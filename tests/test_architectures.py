@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import cli_in_process, run_cli
 from tiny_model import ARCHS, make_tiny_arch
 
 pytestmark = pytest.mark.mpi
@@ -28,13 +28,6 @@ MODES = {"full": [], "lowrank": ["--mode", "lowrank", "--member-batch", "2"]}
 SETTINGS = ["--population", "4", "--sigma", "0.05", "--lr", "0.05", "--max-new-tokens", "5",
             "--checkpoint-every", "2", "--eval-every", "3", "--eval-batch-size", "8",
             "--antithetic"]
-
-
-def cli_in_process(args: list[str]) -> None:
-    """`es-mpi ARGS` as one rank in this process (no launcher: a world of one)."""
-    from es_mpi.cli import cli
-
-    cli.main([str(a) for a in args], standalone_mode=False)
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))

@@ -9,8 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
-from test_architectures import cli_in_process
+from conftest import cli_in_process, run_cli
 
 pytestmark = pytest.mark.mpi
 

@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import run_cli
+from conftest import one_error_line, run_cli
 from tiny_model import make_tokenizer
 
 
@@ -15,15 +15,6 @@ def eval_json(target, extra=()):
                       *extra])
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def one_error_line(result, *needles):
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("es-mpi: error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def test_a_tokenizer_without_pad_token_evaluates_as_with_one(tiny_model, tmp_path):
