@@ -58,7 +58,7 @@ install_slurm() {
 
 write_config() {
     local cpus mem_mb first_id
-    cpus=$(nproc)
+    cpus=$(nproc --all)  # GNU nproc alone honours OMP_NUM_THREADS
     # Job ids never repeat across restarts (100 per second of the clock, a 7-day cycle):
     # MPICH under srun names its shared memory after the job and step id, and a segment
     # left in /dev/shm by a killed rank breaks MPI_Init of a later job with the same id.
