@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,28 +31,6 @@ MODES = ("inference", "lowrank", "full", "paper")
 PHASES = ("perturb", "generate", "score", "restore", "gather", "update", "checksum", "io")
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    """The process's peak RSS since start or since the last _reset_peak()."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
-    except OSError:
-        pass
-
-
 def run_mode(mode: str, opts: dict) -> dict:
     """Measure one mode in this process; returns a JSON-able dict."""
     import torch
@@ -62,6 +39,7 @@ def run_mode(mode: str, opts: dict) -> dict:
     from es_mpi import runfile
     from es_mpi.config import Config
     from es_mpi.dist import Dist, return_freed_memory
+    from es_mpi.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
     from es_mpi.train import (
         check_task,
         examples_fingerprint,
@@ -74,7 +52,7 @@ def run_mode(mode: str, opts: dict) -> dict:
 
     torch.set_num_threads(opts["threads"])
     return_freed_memory()  # as every es-mpi command does (set_threads)
-    base_rss = _rss_bytes()
+    base_rss = rss_bytes()
     tmp = Path(tempfile.mkdtemp(prefix="es-mpi-bench-"))
     cfg = Config(model=opts["model"], task=opts["task"], task_data=opts["task_data"],
                  population=opts["population"], batch_size=opts["prompts"],
@@ -82,13 +60,17 @@ def run_mode(mode: str, opts: dict) -> dict:
                  rank=opts["rank"], member_batch=opts["population"],
                  antithetic=opts["antithetic"] and mode in ("lowrank", "full"),
                  mode="lowrank" if mode == "lowrank" else "full", dtype=opts["dtype"],
-                 generations=1000, checkpoint_every=1000, run=str(tmp / "bench.h5"))
+                 generate_batch=opts.get("generate_batch", 0),
+                 master=opts.get("master", "device"), generations=1000,
+                 checkpoint_every=1000, run=str(tmp / "bench.h5"))
     task, train = check_task(cfg)
     dist = Dist.serial()
+    cuda = torch.cuda.is_available()
     if mode in ("lowrank", "full"):
         s = open_session(cfg, dist, task, train)
         model, tokenizer, device = s.model, s.tokenizer, s.device
         s.ignore_eos = True
+        cfg = s.cfg  # generate_batch resolved
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer = hf.load_model(cfg.model, cfg.dtype, [device])
@@ -100,14 +82,20 @@ def run_mode(mode: str, opts: dict) -> dict:
     for rows in (1, cfg.population):  # warm-up at both batch shapes the modes use
         hf.generate(model, tokenizer, {k: v.repeat(rows, 1) for k, v in batch.items()}, 2)
 
-    load_peak = _peak_rss_bytes()
-    _reset_peak()
+    load_peak = peak_rss_bytes()
+    reset_peak_rss()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    load_peak_cuda = 0
+    if cuda:
+        sync()
+        load_peak_cuda = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
     if mode == "inference":
         big = {k: v.repeat(cfg.population, 1) for k, v in batch.items()}
-        _, tokens = hf.generate(model, tokenizer, big, cfg.max_new_tokens, ignore_eos=True)
+        _, tokens = hf.generate_rows(model, tokenizer, big, cfg.max_new_tokens,
+                                     cfg.generate_batch, ignore_eos=True)
         sync()
         n_tokens = sum(tokens)
         phases["generate"] = time.perf_counter() - t0
@@ -129,20 +117,24 @@ def run_mode(mode: str, opts: dict) -> dict:
     result = {"mode": mode, "seconds": seconds, "tokens": n_tokens,
               "tokens_per_s": n_tokens / seconds, "phases": phases,
               "model_bytes": model_bytes, "base_rss_bytes": base_rss,
-              "load_peak_rss_bytes": load_peak, "peak_rss_bytes": _peak_rss_bytes(),
+              "load_peak_rss_bytes": load_peak, "peak_rss_bytes": peak_rss_bytes(),
+              "generate_batch": cfg.generate_batch,
               "device": str(device),
               "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
               "threads": torch.get_num_threads()}
+    if cuda:
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["load_peak_cuda_bytes"] = load_peak_cuda
     if mode in ("lowrank", "full"):
-        _reset_peak()
+        result["peak_mem_eval"] = int(row["peak_mem_eval"])
+        result["peak_mem_update"] = int(row["peak_mem_update"])
+        reset_peak_rss()
         t = time.perf_counter()
         write_checkpoint(s, writer, 1, 0)
         result["checkpoint_seconds"] = time.perf_counter() - t
-        result["checkpoint_peak_rss_bytes"] = _peak_rss_bytes()
+        result["checkpoint_peak_rss_bytes"] = peak_rss_bytes()
         result["comm_bytes_per_rank_formula"] = comm_bytes(cfg.population, 1)
         writer.close()
-    if device.type == "cuda":
-        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
     return result
 
 
@@ -150,13 +142,14 @@ def comm_bytes(population: int, world: int) -> dict[str, int]:
     """Bytes one rank sends and receives per generation: O(N) scalars, no model term.
 
     Rows of (member, seed, reward, tokens, seconds, rank, status) for the population, and
-    two int64 (checksum, stop signal) per rank; each rank sends its share, receives all.
+    four int64 (checksum, stop signal, peak memory of two phases) per rank; each rank
+    sends its share, receives all.
     """
     from es_mpi.train import ROW_DTYPE
 
     mine = -(-population // world)
-    return {"sent": mine * ROW_DTYPE.itemsize + 16,
-            "received": population * ROW_DTYPE.itemsize + 16 * world}
+    return {"sent": mine * ROW_DTYPE.itemsize + 32,
+            "received": population * ROW_DTYPE.itemsize + 32 * world}
 
 
 def _paper_generation(model, tokenizer, batch, cfg, sync) -> tuple[int, dict[str, float]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from es_mpi import lowrank, progress, report, runfile
+from es_mpi import hardware, lowrank, progress, report, runfile
 from es_mpi import model as hf
 from es_mpi.config import Config
 from es_mpi.dist import Dist, set_threads
@@ -80,10 +80,17 @@ def train(cfg: Config, dist: Dist) -> None:
         _continue(cfg, info, task, train_examples, dist)
         return
     set_threads(dist)
-    s = dist.collective(lambda: open_session(cfg, dist, task, train_examples))
-    writer = dist.root_first(lambda: runfile.RunWriter.create(
-        cfg.run, cfg, cfg.model, s.fingerprint, examples_fingerprint(train_examples),
-        n_prompts(cfg, train_examples)))
+    s = _open(cfg, dist, task, train_examples, None)
+    cfg = s.cfg  # generate_batch decided
+
+    def create():
+        writer = runfile.RunWriter.create(
+            cfg.run, cfg, cfg.model, s.fingerprint, examples_fingerprint(train_examples),
+            n_prompts(cfg, train_examples))
+        writer.add_hardware(0, dist.size, s.machine)
+        return writer
+
+    writer = dist.root_first(create)
     progress.current(dist.is_root).info(
         f"es-mpi: {cfg.population} members x {n_prompts(cfg, train_examples)} prompts, "
         f"{dist.size} rank(s), task {cfg.task}, mode {_mode(cfg)}; run file {cfg.run}")
@@ -115,20 +122,37 @@ def _continue(cfg: Config, info: runfile.RunInfo, task: Task, train_examples: li
                     f"(target {cfg.generations}); pass --generations to go further")
         return
     set_threads(dist)
-    s = dist.collective(lambda: open_session(cfg, dist, task, train_examples))
+    s = _open(cfg, dist, task, train_examples, info)
+    cfg = s.cfg
     # every rank reads the file (and agrees) before rank 0 opens it for writing
     dist.collective(lambda: rebuild(s, cfg.run, info, done))
 
     def reopen():
         writer = runfile.RunWriter.open_append(cfg.run)
         writer.f.attrs["config"] = cfg.to_json()
+        writer.add_hardware(done, dist.size, s.machine)
         return writer
 
     writer = dist.root_first(reopen)
-    progress.current(dist.is_root).info(
-        f"es-mpi: resuming {cfg.run} at generation {done} of {cfg.generations} "
-        f"on {dist.size} rank(s)")
+    show = progress.current(dist.is_root)
+    show.info(f"es-mpi: resuming {cfg.run} at generation {done} of {cfg.generations} "
+              f"on {dist.size} rank(s)")
+    if not hardware.same_arithmetic(info.machine, s.machine):
+        show.info(f"es-mpi: note: generations so far ran on {hardware.label(info.machine)}, "
+                  f"the next ones run on {hardware.label(s.machine)}; they continue exactly "
+                  "from the weights, but would round differently there")
     _run_loop(cfg, dist, s, writer, done, fresh=False)
+
+
+def _open(cfg: Config, dist: Dist, task: Task, train_examples: list,
+          info: runfile.RunInfo | None):
+    """Every rank loads its replica (collective); all must compute on the same kind of
+    machine. A run file's recorded replica dtype stands in for dtype auto."""
+    recorded = info.machine.get("dtype") if info is not None and info.machine else None
+    s = dist.collective(lambda: open_session(cfg, dist, task, train_examples, recorded))
+    machines = dist.allgather(s.machine)
+    hardware.check_uniform(machines)  # the same list on every rank: all raise together
+    return s
 
 
 def _run_loop(cfg: Config, dist: Dist, s, writer: runfile.RunWriter | None, start: int,
@@ -187,7 +211,7 @@ def export(path: str, out_dir: str, generation: int | None, model: str | None,
     if not os.access(out.resolve().parent if not out.exists() else out, os.W_OK):
         raise EsError(f"cannot write {out}: parent directory not writable")
     set_threads(dist)
-    s = open_session(cfg, Dist.serial(), task, train_examples)
+    s = _open(cfg, Dist.serial(), task, train_examples, info)
     rebuild(s, path, info, generation)
     s.model.save_pretrained(out)
     s.tokenizer.save_pretrained(out)
@@ -221,7 +245,7 @@ def evaluate_target(target: str, overrides: dict, limit: int, as_json: bool, dis
     task, train_examples = dist.collective(lambda: _prechecks(cfg))
     examples = dist.collective(lambda: eval_examples(task, limit))
     set_threads(dist)
-    s = dist.collective(lambda: open_session(cfg, dist, task, train_examples))
+    s = _open(cfg, dist, task, train_examples, info)
     if info is not None:
         dist.collective(lambda: rebuild(s, path, info, generation))
     greedy = evaluate(s, examples, cfg.eval_batch_size)
@@ -276,6 +300,7 @@ def inspect_summary(path: str) -> dict:
         "generations_complete": done,
         "generations_target": info.config.generations,
         "checkpoints": info.checkpoints,
+        "hardware": info.hardware,
         "world_sizes": sorted({int(w) for w in rows["world_size"]}),
         "seconds_total": float(np.sum(rows["time_total"])),
         "last_generations": last,
@@ -306,6 +331,9 @@ def inspect(path: str, as_json: bool, dist: Dist) -> None:
     print(f"generations  {info['generations_complete']} of {info['generations_target']} "
           f"complete, {info['seconds_total']:.1f} s, world sizes {info['world_sizes']}")
     print(f"checkpoints  {info['checkpoints'] or 'none'}")
+    for hw in info["hardware"]:
+        print(f"machine      from generation {hw['generation']}: {hw['world_size']} rank(s) "
+              f"on {hardware.label(hw)}, {hw.get('dtype', '?')} replicas")
     for g in info["last_generations"]:
         print(f"  gen {g['generation'] + 1}: reward mean {g['reward_mean']:.4g} "
               f"min {g['reward_min']:.4g} max {g['reward_max']:.4g}")

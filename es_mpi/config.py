@@ -95,6 +95,18 @@ class Config:
     )
     gpus_per_rank: int = _field(1, "GPUs per rank; a replica is split across them.",
                                 resumable=True)
+    generate_batch: int = _field(
+        0, "Rows (members x prompts) per generate call, in training and held-out "
+        "evaluation: larger batches are cut into micro-batches of at most this many rows, "
+        "which bounds the KV cache. 0 = auto: as many as fit in the device's free memory "
+        "(all rows on the CPU), decided once when the run starts and recorded in the run "
+        "file. Results do not depend on it on the CPU; on a GPU, kernels may round "
+        "differently for another batch shape.", resumable=True)
+    master: str = _field(
+        "device", "Where the fp32 master copy of the weights lives: device (with the "
+        "replica) or host (CPU memory, for models whose master does not fit on the GPU; "
+        "the arithmetic still runs on the device, so results are identical).",
+        choices=("device", "host"), resumable=True)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> EsError:
@@ -144,6 +156,8 @@ class Config:
             raise bad("eval_every" if self.eval_every < 0 else "eval_limit", "must be >= 0")
         if self.eval_batch_size < 1:
             raise bad("eval_batch_size", "must be >= 1")
+        if self.generate_batch < 0:
+            raise bad("generate_batch", "must be >= 0 (0 = auto, from free device memory)")
         if self.batch_size < 0:
             raise bad("batch_size", "must be >= 0 (0 = all training prompts)")
         if self.train_limit < 0:

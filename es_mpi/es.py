@@ -46,9 +46,12 @@ class LowRankNoise:
     def __init__(self, rank: int):
         self.rank = rank
 
-    def factors(self, seed: int, name: str, theta: torch.Tensor):
-        """Raw (A, B) of a member; its perturbation of theta is A B^T / sqrt(r)."""
-        return lowrank_factors(seed, name, theta.shape, self.rank, theta.device)
+    def factors(self, seed: int, name: str, theta: torch.Tensor,
+                device: torch.device | str | None = None):
+        """Raw (A, B) of a member, on `device` (default theta's); its perturbation of theta
+        is A B^T / sqrt(r). They are drawn on the CPU whatever the device."""
+        return lowrank_factors(seed, name, theta.shape, self.rank,
+                               theta.device if device is None else device)
 
     @property
     def scale(self) -> float:
@@ -58,11 +61,12 @@ class LowRankNoise:
                     alpha: float, work: torch.Tensor) -> None:
         """theta += alpha * sum_j c_j A_j B_j^T / sqrt(r): one (out x Kr) @ (Kr x in)
         product, computed a block of rows at a time."""
-        pairs = [self.factors(seed, name, theta) for seed, _ in terms]
+        pairs = [self.factors(seed, name, theta, "cpu") for seed, _ in terms]
         coef = torch.tensor([c * self.scale for _, c in terms], dtype=torch.float32,
                             device=theta.device)
-        a = torch.cat([a for a, _ in pairs], dim=1) * coef.repeat_interleave(self.rank)
-        b = torch.cat([b for _, b in pairs], dim=1)
+        a = torch.cat([a for a, _ in pairs], dim=1).to(theta.device)
+        a = a * coef.repeat_interleave(self.rank)
+        b = torch.cat([b for _, b in pairs], dim=1).to(theta.device)
         rows = max(1, NOISE_CHUNK // theta.shape[1])
         for r0 in range(0, theta.shape[0], rows):
             block = theta[r0:r0 + rows]
@@ -92,7 +96,8 @@ def _work(tensors: Mapping[str, torch.Tensor]) -> dict[torch.device, torch.Tenso
 def es_update_(master: Mapping[str, torch.Tensor], seeds_n: np.ndarray, signs_n: np.ndarray,
                z_n: np.ndarray, lr: float, weight_decay: float = 0.0,
                anchor: Mapping[str, torch.Tensor] | None = None,
-               noise: FullNoise | LowRankNoise | None = None) -> None:
+               noise: FullNoise | LowRankNoise | None = None,
+               work: dict[torch.device, torch.Tensor] | None = None) -> None:
     """theta += lr/N * sum_i z_i * sign_i * eps_i  (- lr * wd * (theta - anchor)), in place.
 
     The same inputs give bit-identical results on every rank: members are summed in
@@ -101,7 +106,8 @@ def es_update_(master: Mapping[str, torch.Tensor], seeds_n: np.ndarray, signs_n:
     noise = noise or FullNoise()
     n = len(z_n)
     terms = [(s, c) for s, c in noise_coefficients(seeds_n, signs_n, z_n) if c != 0.0]
-    work = _work(master) if terms else {}
+    if terms and work is None:
+        work = _work(master)
     for name, theta in master.items():
         if weight_decay:
             if anchor is None:
@@ -128,24 +134,58 @@ def checksum(tensors: Mapping[str, torch.Tensor]) -> int:
     return int.from_bytes(h.digest(), "little") & SEED_MASK
 
 
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy of `t` in host memory (pinned where there is CUDA, for fast copies)."""
+    out = torch.empty(t.shape, dtype=torch.float32, device="cpu",
+                      pin_memory=torch.cuda.is_available())
+    out.copy_(t)
+    return out
+
+
 class Replica:
     """A model's trained parameters plus their fp32 master copy.
 
     `share_master`: fp32 parameters are their own master (lowrank mode, where the
     parameters are never perturbed in place), saving a copy of the model.
+    `master_on_host`: the master lives in host memory; each tensor is staged on its
+    parameter's device for the arithmetic (perturb, update), which therefore runs on the
+    same device as with a device master and gives the same bits.
     """
 
     def __init__(self, params: Mapping[str, torch.nn.Parameter],
-                 noise: FullNoise | LowRankNoise | None = None, share_master: bool = False):
+                 noise: FullNoise | LowRankNoise | None = None, share_master: bool = False,
+                 master_on_host: bool = False):
         self.params = dict(params)
         self.noise = noise or FullNoise()
         self._perturbed: tuple[int, int] | None = None  # (seed, sign) held by the params
+        self.on_host = master_on_host
         with torch.no_grad():
-            self.master = {
-                n: p.data if share_master and p.dtype == torch.float32
-                else p.detach().to(torch.float32, copy=True)
-                for n, p in self.params.items()}
+            if self.on_host:
+                self.master = {n: host_copy(p.detach()) for n, p in self.params.items()}
+            else:
+                self.master = {
+                    n: p.data if share_master and p.dtype == torch.float32
+                    else p.detach().to(torch.float32, copy=True)
+                    for n, p in self.params.items()}
         self._work: dict[torch.device, torch.Tensor] | None = None
+        self._staging: dict[torch.device, torch.Tensor] = {}
+
+    def _staged(self, name: str) -> torch.Tensor:
+        """The master of `name` where the arithmetic runs: itself, or (host master) a
+        copy in a reused fp32 buffer on its parameter's device."""
+        theta = self.master[name]
+        if not self.on_host:
+            return theta
+        device = self.params[name].device
+        buf = self._staging.get(device)
+        if buf is None:  # one buffer per device, the size of its largest tensor
+            largest = max(t.numel() for n, t in self.master.items()
+                          if self.params[n].device == device)
+            buf = self._staging[device] = torch.empty(largest, dtype=torch.float32,
+                                                      device=device)
+        out = buf[:theta.numel()].view(theta.shape)
+        out.copy_(theta, non_blocking=True)
+        return out
 
     def _shares(self, name: str) -> bool:
         # `p.data` is a new tensor object on each access: compare storage, not identity
@@ -161,10 +201,10 @@ class Replica:
         the same definition, so results do not depend on where a member is evaluated.
         """
         if self._work is None:
-            self._work = _work(self.master)
+            self._work = _work(self.params)
         plus_held = self._perturbed == (seed, 1)
         for name, p in self.params.items():
-            theta = self.master[name]
+            theta = self._staged(name)
             work = self._work[theta.device]
             for k, (th, pc) in enumerate(zip(chunks(theta), chunks(p.data), strict=True)):
                 buf = work[:th.numel()]
@@ -188,7 +228,17 @@ class Replica:
         self._perturbed = None
 
     def update(self, seeds_n, signs_n, z_n, lr, weight_decay=0.0, anchor=None) -> None:
-        es_update_(self.master, seeds_n, signs_n, z_n, lr, weight_decay, anchor, self.noise)
+        if not self.on_host:
+            es_update_(self.master, seeds_n, signs_n, z_n, lr, weight_decay, anchor,
+                       self.noise)
+        else:  # tensor by tensor on its device, then back to the host master
+            if self._work is None:
+                self._work = _work(self.params)
+            for name, host in self.master.items():
+                theta = self._staged(name)
+                es_update_({name: theta}, seeds_n, signs_n, z_n, lr, weight_decay, anchor,
+                           self.noise, self._work)
+                host.copy_(theta)
         self.restore()
 
     def checksum(self) -> int:

@@ -53,6 +53,8 @@ def evaluate(s, examples: list, batch_size: int, samples: int = 0, temperature: 
     t0 = time.perf_counter()
     dist = s.dist
     draws = max(samples, 1)
+    if s.cfg.generate_batch:  # the memory bound holds here too (samples follow the batch)
+        batch_size = min(batch_size, s.cfg.generate_batch)
     batches = [list(range(i, min(i + batch_size, len(examples))))
                for i in range(0, len(examples), batch_size)]
     mine = batches[dist.rank::dist.size]

@@ -151,11 +151,12 @@ def _row_scales(coef: torch.Tensor, rank: int, rows: int) -> torch.Tensor:
     return own.repeat_interleave(rows // members, dim=0).unsqueeze(1)
 
 
-def _hook(use: Use, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor):
+def _hook(use: Use, a: torch.Tensor, b: torch.Tensor, current: dict, key: tuple):
     """a, b: every member's factors side by side, (W's first dim, M*r), (second, M*r).
 
     One GEMM against all members' factors, masked to each row's own member, then one
     GEMM back: M*r*(in + out) extra multiply-adds per row, a few percent of the layer.
+    `current[key]` holds the row scales of the rows now in the batch (see population).
     """
     if use.layout == EMBEDDING:   # e = W[ids] * s: the rows of A picked by the ids, against B
         back = b * use.scale if use.scale != 1.0 else b
@@ -172,9 +173,9 @@ def _hook(use: Use, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor):
 
         def low_of(x):
             return x @ b
-    rows = scales.shape[0]
-
     def hook(module, inputs, output):
+        scales = current[key]
+        rows = scales.shape[0]
         low = low_of(inputs[0])
         if output.shape[0] == rows:
             low *= scales
@@ -188,22 +189,39 @@ def _hook(use: Use, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor):
     return hook
 
 
+class Rows:
+    """Which rows of the population's batch the forward passes now see (micro-batches)."""
+
+    def __init__(self, scales_of: dict[tuple, torch.Tensor], current: dict[tuple, torch.Tensor]):
+        self._all = scales_of
+        self._current = current
+        self.select(0, next(iter(scales_of.values())).shape[0] if scales_of else 0)
+
+    def select(self, r0: int, r1: int) -> None:
+        """The next forward passes hold rows r0..r1-1 of the members x prompts batch."""
+        for key, scales in self._all.items():
+            self._current[key] = scales[r0:r1]
+
+
 @contextlib.contextmanager
 def population(matrices: dict[str, list[Use]], master: dict[str, torch.Tensor],
                noise: LowRankNoise, seeds: list[int], signs: list[int],
-               sigma: float, rows: int) -> Iterator[None]:
+               sigma: float, rows: int) -> Iterator[Rows]:
     """Within the block, batch rows [k*P, (k+1)*P) of any forward pass see member k's
     perturbed weights (seeds[k], signs[k]), for P = rows // len(seeds); `rows` is the
-    batch size of the forward passes (members x prompts)."""
+    batch size of the forward passes (members x prompts). The block gets a `Rows`: its
+    `select(r0, r1)` runs the next passes on rows r0..r1-1 only (a micro-batch); each
+    row still sees its own member's weights."""
     if rows % len(seeds):
         raise ValueError(f"{rows} rows do not split into {len(seeds)} members")
     handles = []
     scales_of: dict[tuple, torch.Tensor] = {}  # the row scales of a (device, dtype): one copy
+    current: dict[tuple, torch.Tensor] = {}    # those of the rows in the batch now
     try:
         for name, uses in matrices.items():
             theta = master[name]
             weight = uses[0].module.weight
-            pairs = [noise.factors(seed, name, theta) for seed in seeds]
+            pairs = [noise.factors(seed, name, theta, "cpu") for seed in seeds]
             a = torch.cat([a for a, _ in pairs], dim=1).to(weight.device, weight.dtype)
             b = torch.cat([b for _, b in pairs], dim=1).to(weight.device, weight.dtype)
             key = (weight.device, weight.dtype)
@@ -211,10 +229,10 @@ def population(matrices: dict[str, list[Use]], master: dict[str, torch.Tensor],
                 coef = torch.tensor([sign * sigma * noise.scale for sign in signs],
                                     dtype=weight.dtype, device=weight.device)
                 scales_of[key] = _row_scales(coef, noise.rank, rows)
-            scales = scales_of[key]
             for use in uses:
-                handles.append(use.module.register_forward_hook(_hook(use, a, b, scales)))
-        yield
+                handles.append(use.module.register_forward_hook(
+                    _hook(use, a, b, current, key)))
+        yield Rows(scales_of, current)
     finally:
         for handle in handles:
             handle.remove()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,9 +141,12 @@ def load_model(path: str, dtype: str, devices: list[torch.device]):
     torch_dtype = resolve_dtype(dtype, devices[0])
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if len(devices) == 1:
+        if len(devices) == 1 and devices[0].type == "cpu":
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-            model.to(devices[0])
+        elif len(devices) == 1:
+            # straight onto the GPU, tensor by tensor: no whole host copy per rank
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                         device_map={"": devices[0]})
         else:
             free = {d.index: torch.cuda.mem_get_info(d.index)[0] for d in devices}
             model = AutoModelForCausalLM.from_pretrained(
@@ -241,6 +245,31 @@ def generate(model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: i
                 break
         tokens.append(n)
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return texts, tokens
+
+
+def generate_rows(model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: int,
+                  limit: int, ignore_eos: bool = False,
+                  select: Callable[[int, int], None] | None = None
+                  ) -> tuple[list[str], list[int]]:
+    """`generate` (greedy) on the batch's rows in micro-batches of at most `limit` rows.
+
+    The rows keep the batch's padding, so each row is computed exactly as in one call.
+    `select(r0, r1)` runs before the micro-batch of rows r0..r1-1 (lowrank mode points
+    its hooks at those rows' members).
+    """
+    n = batch["input_ids"].shape[0]
+    limit = n if limit <= 0 else limit
+    texts: list[str] = []
+    tokens: list[int] = []
+    for r0 in range(0, n, limit):
+        r1 = min(n, r0 + limit)
+        if select is not None:
+            select(r0, r1)
+        part = batch if (r0, r1) == (0, n) else {k: v[r0:r1] for k, v in batch.items()}
+        t, k = generate(model, tokenizer, part, max_new_tokens, ignore_eos)
+        texts += t
+        tokens += k
     return texts, tokens
 
 

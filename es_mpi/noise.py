@@ -70,11 +70,14 @@ def lowrank_factors(seed: int, name: str, shape: torch.Size, rank: int,
     """Thin fp32 factors (A, B) of one member's perturbation of a matrix (out x in).
 
     The perturbation is A @ B.T / sqrt(rank), A: (out, rank), B: (in, rank); each of its
-    entries has unit variance, like full-mode noise. Both factors come from one draw.
+    entries has unit variance, like full-mode noise. Both factors come from one draw, made
+    on the CPU whatever `device` is (they are small): a GPU's generator depends on the GPU
+    model, the CPU's does not, so lowrank noise is the same on every machine.
     """
     out_features, in_features = shape
-    gen = torch.Generator(device=device)
+    gen = torch.Generator(device="cpu")
     gen.manual_seed(derive_seed(seed, name))
-    ab = torch.randn((out_features + in_features, rank), generator=gen, device=device,
-                     dtype=torch.float32)
+    ab = torch.randn((out_features + in_features, rank), generator=gen, dtype=torch.float32)
+    if torch.device(device).type != "cpu":
+        ab = ab.to(device, non_blocking=True)
     return ab[:out_features], ab[out_features:]

@@ -65,6 +65,9 @@ GENERATION_FIELDS: dict[str, tuple[str, str]] = {
     "time_io": ("f8", ""),
     "time_total": ("f8", ""),
     "timestamp": ("f8", ""),       # unix time at the end of the generation
+    "peak_mem_eval": ("i8", ""),   # peak memory of the evaluation phase, bytes, largest over
+                                   # ranks: torch's CUDA allocations, or the process RSS on CPU
+    "peak_mem_update": ("i8", ""), # same for gather, update and checksum
 }
 
 
@@ -94,6 +97,12 @@ class RunInfo:
     task_fingerprint: str
     complete_generations: int
     checkpoints: list[int]
+    hardware: list[dict]    # one entry per start or resume: {"generation", "world_size", ...}
+
+    @property
+    def machine(self) -> dict | None:
+        """The machine the last generations were computed on (None in older files)."""
+        return self.hardware[-1] if self.hardware else None
 
 
 def _open(path: str | Path, mode: str) -> h5py.File:
@@ -208,6 +217,7 @@ def read_info(path: str | Path) -> RunInfo:
             model_path=str(attrs["model_path"]),
             model_fingerprint=str(attrs["model_fingerprint"]),
             task_fingerprint=str(attrs.get("task_fingerprint", "")),
+            hardware=json.loads(attrs.get("hardware", "[]")),
             complete_generations=complete,
             checkpoints=_checkpoint_generations(f, complete),
         )
@@ -431,6 +441,13 @@ class RunWriter:
             ds[n] = row[name]
         ev[COMPLETIONS].resize(n + 1, axis=0)
         ev[COMPLETIONS][n] = text
+
+    def add_hardware(self, generation: int, world_size: int, machine: dict) -> None:
+        """Record the machine that computes from `generation` on (es_mpi.hardware)."""
+        history = json.loads(self.f.attrs.get("hardware", "[]"))
+        history.append({"generation": generation, "world_size": world_size, **machine})
+        self.f.attrs["hardware"] = json.dumps(history)
+        self.f.flush()
 
     def set_field(self, generation: int, name: str, value: float) -> None:
         self.f["generations"][name][generation] = value

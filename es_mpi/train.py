@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from es_mpi import lowrank, progress, runfile
+from es_mpi import hardware, lowrank, memory, progress, runfile
 from es_mpi import model as hf
 from es_mpi.basefile import BaseWeights
 from es_mpi.config import Config
 from es_mpi.dist import Dist, select_devices
 from es_mpi.errors import EsError
-from es_mpi.es import FullNoise, LowRankNoise, Replica, checksum
+from es_mpi.es import FullNoise, LowRankNoise, Replica, checksum, host_copy
 from es_mpi.evaluate import EvalResult, eval_examples, evaluate
 from es_mpi.noise import derive_seed, member_seeds
 from es_mpi.rewards import score
@@ -77,11 +77,13 @@ class Session:
     model: torch.nn.Module
     tokenizer: object
     replica: Replica
-    device: torch.device
+    devices: list[torch.device]
     fingerprint: str
+    machine: dict = field(default_factory=dict)  # es_mpi.hardware.describe of this rank
     matrices: dict | None = None   # lowrank: parameter name -> modules to hook
     base: Mapping[str, torch.Tensor] | None = None  # theta_0 (rank 0: checkpoints; decay_to=init)
     phase: dict[str, float] = field(default_factory=dict)  # this generation's split of eval
+    peaks: dict[str, int] = field(default_factory=dict)    # this generation's peak memory
     ignore_eos: bool = False   # benchmarks: every member generates max_new_tokens
     error: str | None = None   # this rank's reward failure in the current generation
     stop: StopFlag = field(default_factory=StopFlag)
@@ -89,6 +91,19 @@ class Session:
     @property
     def anchor(self):
         return self.base if self.cfg.decay_to == "init" else None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the batch goes: the replica's first device."""
+        return self.devices[0]
+
+    def sync(self) -> None:
+        memory.sync(self.devices)
+
+    def generate(self, batch: dict, select=None) -> tuple[list[str], list[int]]:
+        """Greedy completions of the batch's rows, in micro-batches of generate_batch."""
+        return hf.generate_rows(self.model, self.tokenizer, batch, self.cfg.max_new_tokens,
+                                self.cfg.generate_batch, self.ignore_eos, select)
 
 
 def check_task(cfg: Config) -> tuple[Task, list]:
@@ -120,13 +135,18 @@ def n_prompts(cfg: Config, train: list) -> int:
     return cfg.batch_size or len(train)
 
 
-def open_session(cfg: Config, dist: Dist, task: Task, train: list) -> Session:
+def open_session(cfg: Config, dist: Dist, task: Task, train: list,
+                 dtype: str | None = None) -> Session:
     """Load the model on this rank's device(s) and build the fp32 master (heavy).
 
-    `task, train` come from check_task, run before as a cheap pre-check.
+    `task, train` come from check_task, run before as a cheap pre-check. `dtype`: the
+    replica dtype a run file recorded, which cfg.dtype "auto" would resolve otherwise
+    on this machine (a bf16 GPU run exported on a CPU node stays bf16).
     """
     devices = select_devices(dist, cfg.gpus_per_rank)
-    model, tokenizer = hf.load_model(cfg.model, cfg.dtype, devices)
+    cfg_dtype = dtype if cfg.dtype == "auto" and dtype else cfg.dtype
+    model, tokenizer = hf.load_model(cfg.model, cfg_dtype, devices)
+    host = cfg.master == "host"
     params = hf.trainable_parameters(model)
     fingerprint = f"{checksum(params):016x}"
     matrices = None
@@ -136,17 +156,47 @@ def open_session(cfg: Config, dist: Dist, task: Task, train: list) -> Session:
             raise EsError(f"model {cfg.model} has no Linear, Conv1D or Embedding weights for "
                           "lowrank mode; use --mode full")
         params = {n: params[n] for n in matrices}
-        replica = Replica(params, LowRankNoise(cfg.rank), share_master=True)
+        replica = Replica(params, LowRankNoise(cfg.rank), share_master=True,
+                          master_on_host=host)
     else:
-        replica = Replica(params, FullNoise())
+        replica = Replica(params, FullNoise(), master_on_host=host)
     base = None
     if cfg.decay_to == "init":  # the decay anchor, needed by every rank every generation
-        base = {n: p.detach().to(torch.float32, copy=True) for n, p in params.items()}
+        base = {n: host_copy(p.detach()) if host else p.detach().to(torch.float32, copy=True)
+                for n, p in params.items()}
     elif dist.is_root:  # for checkpoint deltas: read from the model files when written
         base = BaseWeights(cfg.model, params)
-    return Session(cfg=cfg, dist=dist, task=task, train=train, model=model,
-                   tokenizer=tokenizer, replica=replica, device=devices[0],
-                   fingerprint=fingerprint, matrices=matrices, base=base)
+    s = Session(cfg=cfg, dist=dist, task=task, train=train, model=model,
+                tokenizer=tokenizer, replica=replica, devices=devices,
+                fingerprint=fingerprint, matrices=matrices, base=base,
+                machine=hardware.describe(devices, next(model.parameters()).dtype))
+    s.cfg = cfg.replace(generate_batch=auto_generate_batch(s))
+    return s
+
+
+def group_rows(cfg: Config, train: list) -> int:
+    """Rows of the largest generate a generation makes: a group's members x prompts."""
+    members = max(map(len, member_groups(cfg))) if cfg.mode == "lowrank" else 1
+    return members * n_prompts(cfg, train)
+
+
+def auto_generate_batch(s: Session) -> int:
+    """generate_batch as given, or (0, auto) the rows that fit in free device memory:
+    the smallest answer over the ranks, so that every rank cuts its batches alike
+    (collective). 0 stays 0 on the CPU (all rows in one call)."""
+    cfg = s.cfg
+    if cfg.generate_batch or s.device.type != "cuda":
+        return cfg.generate_batch
+    from es_mpi import plan
+
+    rows = max(group_rows(cfg, s.train), cfg.eval_batch_size)
+    prompt_tokens = max(len(s.tokenizer(s.task.prompt(e, s.tokenizer))["input_ids"])
+                        for e in s.train)
+    s.sync()
+    free = min(torch.cuda.mem_get_info(d)[0] for d in s.devices)
+    fits = plan.rows_that_fit(s.model.config, next(s.model.parameters()).dtype,
+                              prompt_tokens, cfg.max_new_tokens, int(free * 0.9))
+    return int(min(s.dist.allgather_ints([min(rows, fits)])[:, 0]))
 
 
 # -- one generation --------------------------------------------------------------------
@@ -194,9 +244,9 @@ def _evaluate_full(s: Session, group: list[int], seeds_n, signs_n, batch):
     for i in group:
         t0 = time.perf_counter()
         s.replica.perturb(int(seeds_n[i]), int(signs_n[i]), s.cfg.sigma)
+        s.sync()
         t1 = time.perf_counter()
-        texts, tokens = hf.generate(s.model, s.tokenizer, batch, s.cfg.max_new_tokens,
-                                    s.ignore_eos)
+        texts, tokens = s.generate(batch)
         s.phase["perturb"] += t1 - t0
         s.phase["generate"] += time.perf_counter() - t1
         texts_m.append(texts)
@@ -212,10 +262,10 @@ def _evaluate_lowrank(s: Session, group: list[int], seeds_n, signs_n, batch):
     t0 = time.perf_counter()
     with lowrank.population(s.matrices, s.replica.master, s.replica.noise,
                             [int(seeds_n[i]) for i in group], [int(signs_n[i]) for i in group],
-                            s.cfg.sigma, rows=m * p):
+                            s.cfg.sigma, rows=m * p) as rows:
+        s.sync()
         t1 = time.perf_counter()
-        texts, tokens = hf.generate(s.model, s.tokenizer, big, s.cfg.max_new_tokens,
-                                    s.ignore_eos)
+        texts, tokens = s.generate(big, rows.select)
     s.phase["perturb"] += t1 - t0
     s.phase["generate"] += time.perf_counter() - t1
     return ([texts[k * p:(k + 1) * p] for k in range(m)],
@@ -231,6 +281,7 @@ def run_generation(s: Session, t: int) -> tuple[dict, int]:
     n = cfg.population
     t_start = time.perf_counter()
     moved = dist.bytes_moved
+    memory.reset_peak(s.devices)
     seeds_n, signs_n = member_seeds(cfg.seed, t, n, cfg.antithetic)
     prompt_ids = prompt_ids_for(cfg, t, len(s.train))
     examples = [s.train[j] for j in prompt_ids]
@@ -241,7 +292,10 @@ def run_generation(s: Session, t: int) -> tuple[dict, int]:
     groups = member_groups(cfg)
     local = evaluate_members(s, groups_of(dist.rank, dist.size, groups), seeds_n, signs_n,
                              examples, batch)
+    s.sync()
     t_eval = time.perf_counter()
+    peak_eval = memory.peak_bytes(s.devices)
+    memory.reset_peak(s.devices)
 
     counts = [sum(map(len, groups_of(r, dist.size, groups))) for r in range(dist.size)]
     rows = dist.allgather_rows(local, counts)
@@ -258,6 +312,7 @@ def run_generation(s: Session, t: int) -> tuple[dict, int]:
     rewards_n = rows["reward"].astype(np.float64)
     z_n = shape(rewards_n, cfg.shaping)
     s.replica.update(seeds_n, signs_n, z_n, cfg.lr, cfg.weight_decay, s.anchor)
+    s.sync()
     t_update = time.perf_counter()
 
     # the second collective: weight checksums when due, and any rank's stop signal
@@ -265,7 +320,9 @@ def run_generation(s: Session, t: int) -> tuple[dict, int]:
     check = 0
     if dist.is_root or check_due:
         check = s.replica.checksum()
-    status = dist.allgather_ints([check if check_due else 0, s.stop.signum])
+    peak_update = memory.peak_bytes(s.devices)
+    status = dist.allgather_ints([check if check_due else 0, s.stop.signum, peak_eval,
+                                  peak_update])
     stop = next((int(sig) for sig in status[:, 1] if sig), 0)
     if check_due:
         bad = [r for r, c in enumerate(status[:, 0]) if c != status[0, 0]]
@@ -286,6 +343,7 @@ def run_generation(s: Session, t: int) -> tuple[dict, int]:
         "time_update": t_update - t_gather, "time_checksum": t_check - t_update,
         "time_io": 0.0, "time_total": 0.0, "timestamp": 0.0,
         "comm_bytes": dist.bytes_moved - moved,
+        "peak_mem_eval": int(status[:, 2].max()), "peak_mem_update": int(status[:, 3].max()),
     }, stop
 
 
@@ -403,12 +461,22 @@ def rebuild(s: Session, path: str, info: runfile.RunInfo, upto: int) -> None:
         if s.replica.checksum() != want:
             raise EsError(f"run file {path}: checkpoint {start} does not reproduce its "
                           "recorded checksum; the file is damaged")
+    then = info.machine
+    other = not hardware.same_arithmetic(then, s.machine)
     rows = runfile.read_generations(path, start, upto, ("seeds", "signs", "rewards", "checksum"))
     for k in range(upto - start):
         z_n = shape(rows["rewards"][k], s.cfg.shaping)
         s.replica.update(rows["seeds"][k], rows["signs"][k], z_n, s.cfg.lr,
                          s.cfg.weight_decay, s.anchor)
     if upto > start and s.replica.checksum() != int(rows["checksum"][-1]):
+        if other:
+            raise EsError(
+                f"run file {path}: generations {start}..{upto - 1} were computed on "
+                f"{hardware.label(then)}, and replaying them here on "
+                f"{hardware.label(s.machine)} gives other weights (noise and kernels "
+                f"differ between machines); replay on the original kind of machine, or "
+                f"use a checkpoint ({', '.join(map(str, info.checkpoints)) or 'none yet'}), "
+                "which any machine restores exactly")
         raise EsError(f"run file {path}: replaying generations {start}..{upto - 1} does not "
                       f"reproduce the recorded weights checksum of generation {upto - 1}; "
-                      "different hardware or library versions than the original run?")
+                      "different library versions than the original run, or a damaged file?")
