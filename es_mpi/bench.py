@@ -234,9 +234,12 @@ def bench(opts: dict, modes: tuple[str, ...], echo=print) -> dict:
             r["ratio_to_inference"] = r["seconds"] / ref["seconds"]
         generating = r["phases"].get("generate", 0.0) + r["phases"].get("score", 0.0)
         r["overhead_fraction"] = 1.0 - generating / r["seconds"]
+        # the memory that bounds a rank: the GPU's where there is one, else the RSS
+        r["peak_bytes"] = r.get("peak_cuda_bytes", r["peak_rss_bytes"])
+        r["peak_over_model"] = r["peak_bytes"] / r["model_bytes"]
     if ref:  # memory beyond what pure inference of the same sequences needs, in models
         for r in results.values():
-            r["model_copies"] = (r["peak_rss_bytes"] - ref["peak_rss_bytes"]
+            r["model_copies"] = (r["peak_bytes"] - ref["peak_bytes"]
                                  + r["model_bytes"]) / r["model_bytes"]
     if "paper" in results:
         for r in results.values():
@@ -266,16 +269,17 @@ def machine() -> dict:
 
 def table(report: dict) -> str:
     """The results as a markdown table."""
+    where = "GPU" if any("peak_cuda_bytes" in r for r in report["modes"].values()) else "RSS"
     head = ("| mode | s / generation | tokens/s | x inference | x faster than paper | "
-            "overhead | peak RSS | RSS / model | models held |")
+            f"overhead | peak {where} | {where} / model | models held |")
     lines = [head, "|" + "---|" * 9]
     for mode, r in report["modes"].items():
         lines.append(
             f"| {mode} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | "
             f"{r.get('ratio_to_inference', float('nan')):.2f} | "
             f"{r.get('speedup_over_paper', float('nan')):.2f} | "
-            f"{100 * r['overhead_fraction']:.1f}% | {r['peak_rss_bytes'] / 2**20:.0f} MiB | "
-            f"{r['peak_rss_over_model']:.2f} | {r.get('model_copies', float('nan')):.2f} |")
+            f"{100 * r['overhead_fraction']:.1f}% | {r['peak_bytes'] / 2**20:.0f} MiB | "
+            f"{r['peak_over_model']:.2f} | {r.get('model_copies', float('nan')):.2f} |")
     lines.append("")
     lines.append("| mode | " + " | ".join(PHASES) + " |")
     lines.append("|" + "---|" * (len(PHASES) + 1))

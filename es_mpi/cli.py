@@ -331,12 +331,16 @@ def report(run_files: tuple[str, ...], out_dir: str | None) -> None:
               default="auto", show_default=True, help="Replica dtype.")
 @click.option("--threads", type=int, default=0,
               help="Torch threads per mode [default: all cores available].")
+@click.option("--generate-batch", type=int, default=0, show_default=True,
+              help="Rows per generate call (micro-batches); 0 = auto, as in train.")
+@click.option("--master", type=click.Choice(["device", "host"]), default="device",
+              show_default=True, help="Where the fp32 master lives (lowrank and full modes).")
 @click.option("--modes", default=",".join(("inference", "lowrank", "full", "paper")),
               show_default=True, help="Comma-separated modes to measure.")
 @click.option("--json", "json_out", metavar="FILE", default=None,
               help="Write the full report (seconds, phases, memory, ratios) as JSON.")
 def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr, rank,
-          antithetic, dtype, threads, modes, json_out) -> None:
+          antithetic, dtype, threads, generate_batch, master, modes, json_out) -> None:
     """Time one ES generation per mode against pure batched inference of the same sequences.
 
     Each mode runs in a fresh single process (one rank): inference (the N x P sequences in
@@ -361,11 +365,14 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
                             ("max-new-tokens", max_new_tokens), ("rank", rank)):
             if value < 1:
                 raise EsError(f"--{name} {value}: must be >= 1")
+        if generate_batch < 0:
+            raise EsError(f"--generate-batch {generate_batch}: must be >= 0 (0 = auto)")
         opts = {"model": os.path.abspath(model), "task": task,
                 "task_data": os.path.abspath(task_data) if task_data else "",
                 "population": population, "prompts": prompts,
                 "max_new_tokens": max_new_tokens, "sigma": sigma, "lr": lr, "rank": rank,
                 "antithetic": antithetic, "dtype": dtype,
+                "generate_batch": generate_batch, "master": master,
                 "threads": threads or len(os.sched_getaffinity(0))}
         report = run_bench(opts, chosen, echo=lambda m: click.echo(m, err=True))
     except EsError as exc:

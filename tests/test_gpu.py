@@ -40,3 +40,62 @@ def test_too_many_ranks_per_node_is_a_clear_error(tmp_path):
     d.local_rank = torch.cuda.device_count()
     with pytest.raises(EsError, match="lower --gpus-per-rank"):
         select_devices(d, 1)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+def test_lowrank_factors_are_drawn_on_the_cpu_whatever_the_device():
+    """A GPU's generator depends on the GPU model; lowrank noise must not."""
+    from es_mpi.noise import derive_seed, lowrank_factors
+
+    a, b = lowrank_factors(7, "layer.weight", torch.Size((96, 64)), 2, "cuda")
+    gen = torch.Generator().manual_seed(derive_seed(7, "layer.weight"))
+    want = torch.randn((96 + 64, 2), generator=gen)  # written out: one CPU draw, split
+    assert a.device.type == "cuda"
+    assert torch.equal(a.cpu(), want[:96]) and torch.equal(b.cpu(), want[96:])
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["full", "lowrank"])
+def test_master_in_host_memory_matches_the_device_master_on_cuda(kind):
+    """bf16 parameters on the GPU: perturb, restore and update give the same bits with the
+    fp32 master in (pinned) host memory as with the master on the GPU."""
+    import numpy as np
+
+    from es_mpi.es import FullNoise, LowRankNoise, Replica
+
+    torch.manual_seed(0)
+    shapes = {"a.weight": (256, 128), "b.weight": (64, 256), "c.bias": (64,)}
+    if kind == "lowrank":
+        shapes.pop("c.bias")
+    base = {n: torch.randn(s) for n, s in shapes.items()}
+    replicas = []
+    for on_host in (False, True):
+        params = {n: torch.nn.Parameter(t.to("cuda", torch.bfloat16)) for n, t in base.items()}
+        noise = FullNoise() if kind == "full" else LowRankNoise(2)
+        replicas.append((params, Replica(params, noise, master_on_host=on_host)))
+    assert replicas[1][1].master["a.weight"].device.type == "cpu"
+    seeds = np.array([11, 11, 12, 12], dtype=np.int64)
+    signs = np.array([1, -1, 1, -1], dtype=np.int8)
+    for step in range(3):
+        z = np.array([0.5, -1.0, 1.5, -0.25]) * (step + 1)
+        for _, replica in replicas:
+            if kind == "full":
+                replica.perturb(int(seeds[2]), -1, 0.01)
+            replica.update(seeds, signs, z, lr=0.1, weight_decay=0.01)
+        (p_dev, r_dev), (p_host, r_host) = replicas
+        assert r_dev.checksum() == r_host.checksum()
+        for n in p_dev:
+            assert torch.equal(p_dev[n], p_host[n]), n
+    assert not torch.equal(r_dev.master["a.weight"].cpu(), base["a.weight"])
+
+
+@needs_cuda
+def test_the_model_loads_straight_onto_the_gpu(tiny_model):
+    from es_mpi.model import load_model
+
+    model, _ = load_model(str(tiny_model), "bfloat16", [torch.device("cuda", 0)])
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
