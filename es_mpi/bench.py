@@ -119,6 +119,7 @@ def run_mode(mode: str, opts: dict) -> dict:
               "model_bytes": model_bytes, "base_rss_bytes": base_rss,
               "load_peak_rss_bytes": load_peak, "peak_rss_bytes": peak_rss_bytes(),
               "generate_batch": cfg.generate_batch,
+              "prompt_tokens": int(batch["input_ids"].shape[1]),
               "device": str(device),
               "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
               "threads": torch.get_num_threads()}
