@@ -176,7 +176,10 @@ def _hook(use: Use, a: torch.Tensor, b: torch.Tensor, current: dict, key: tuple)
     def hook(module, inputs, output):
         scales = current[key]
         rows = scales.shape[0]
-        low = low_of(inputs[0])
+        x = inputs[0]
+        if x.device != a.device:  # a replica split across devices: accelerate moves the
+            x = x.to(a.device)    # input inside forward, so a hook sees it where it was
+        low = low_of(x)
         if output.shape[0] == rows:
             low *= scales
             # in place: the module's output is a fresh tensor that nothing else holds yet

@@ -99,3 +99,46 @@ def test_the_model_loads_straight_onto_the_gpu(tiny_model):
     model, _ = load_model(str(tiny_model), "bfloat16", [torch.device("cuda", 0)])
     assert {p.device.type for p in model.parameters()} == {"cuda"}
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@needs_cuda
+def test_lowrank_on_a_replica_split_across_devices(tiny_model, tmp_path):
+    """Layers alternate between the GPU and the CPU (accelerate's device_map): each hook
+    sees its input where the previous layer left it. The batched members equal the
+    perturbed weights written into an unsplit fp64 copy."""
+    import math
+
+    from tiny_model import make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from es_mpi import lowrank
+    from es_mpi.es import LowRankNoise
+    from es_mpi.noise import lowrank_factors
+
+    path = make_tiny_model(tmp_path / "four", layers=4)
+    split = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": "cpu",
+             "lm_head": 0, **{f"model.layers.{i}": (0 if i % 2 else "cpu") for i in range(4)}}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=split)
+    assert {p.device.type for p in model.parameters()} == {"cuda", "cpu"}
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    torch.manual_seed(0)
+    prompts = torch.randint(3, model.config.vocab_size, (2, 7))
+    seeds, signs, sigma, rank = [11, 29], [1, -1], 0.05, 2
+    matrices = lowrank.perturbed_matrices(model)
+    master = {n: p.data for n, p in model.named_parameters() if n in matrices}
+    ids = prompts.repeat(len(seeds), 1).to("cuda")
+    with torch.no_grad(), lowrank.population(matrices, master, LowRankNoise(rank), seeds, signs,
+                                             sigma, rows=ids.shape[0]):
+        batched = model(input_ids=ids).logits.double().cpu()
+    for k, (seed, sign) in enumerate(zip(seeds, signs, strict=True)):
+        member = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+        params = dict(member.named_parameters())
+        with torch.no_grad():
+            for name, w in params.items():
+                if w.dim() == 2:
+                    a, b = lowrank_factors(seed, name, w.shape, rank, "cpu")
+                    w.add_((a.double() @ b.double().T) * (sign * sigma / math.sqrt(rank)))
+            want = member(input_ids=prompts).logits
+            base = ref(input_ids=prompts).logits
+        assert (want - base).abs().max() > 1e-3
+        torch.testing.assert_close(batched[2 * k:2 * k + 2], want, rtol=1e-4, atol=1e-4)
