@@ -89,6 +89,7 @@ def run_mode(mode: str, opts: dict) -> dict:
     if cuda:
         sync()
         load_peak_cuda = torch.cuda.max_memory_allocated(device)
+        torch.cuda.empty_cache()  # the generation's reserved peak, not the load's
         torch.cuda.reset_peak_memory_stats(device)
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -125,6 +126,7 @@ def run_mode(mode: str, opts: dict) -> dict:
               "threads": torch.get_num_threads()}
     if cuda:
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["peak_cuda_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
         result["load_peak_cuda_bytes"] = load_peak_cuda
     if mode in ("lowrank", "full"):
         result["peak_mem_eval"] = int(row["peak_mem_eval"])

@@ -146,7 +146,7 @@ def load_model(path: str, dtype: str, devices: list[torch.device]):
         elif len(devices) == 1:
             # straight onto the GPU, tensor by tensor: no whole host copy per rank
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
-                                                         device_map={"": devices[0]})
+                                                         device_map={"": devices[0].index})
         else:
             free = {d.index: torch.cuda.mem_get_info(d.index)[0] for d in devices}
             model = AutoModelForCausalLM.from_pretrained(
