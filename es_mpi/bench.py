@@ -42,6 +42,7 @@ def run_mode(mode: str, opts: dict) -> dict:
     from es_mpi.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
     from es_mpi.train import (
         check_task,
+        decide_generate_batch,
         examples_fingerprint,
         open_session,
         prompt_ids_for,
@@ -68,6 +69,7 @@ def run_mode(mode: str, opts: dict) -> dict:
     cuda = torch.cuda.is_available()
     if mode in ("lowrank", "full"):
         s = open_session(cfg, dist, task, train)
+        decide_generate_batch(s)
         model, tokenizer, device = s.model, s.tokenizer, s.device
         s.ignore_eos = True
         cfg = s.cfg  # generate_batch resolved

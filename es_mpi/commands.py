@@ -17,6 +17,7 @@ from es_mpi.evaluate import eval_examples, evaluate
 from es_mpi.stop import Stopped
 from es_mpi.train import (
     check_task,
+    decide_generate_batch,
     examples_fingerprint,
     n_prompts,
     open_session,
@@ -152,6 +153,7 @@ def _open(cfg: Config, dist: Dist, task: Task, train_examples: list,
     s = dist.collective(lambda: open_session(cfg, dist, task, train_examples, recorded))
     machines = dist.allgather(s.machine)
     hardware.check_uniform(machines)  # the same list on every rank: all raise together
+    decide_generate_batch(s)
     return s
 
 

@@ -170,7 +170,6 @@ def open_session(cfg: Config, dist: Dist, task: Task, train: list,
                 tokenizer=tokenizer, replica=replica, devices=devices,
                 fingerprint=fingerprint, matrices=matrices, base=base,
                 machine=hardware.describe(devices, next(model.parameters()).dtype))
-    s.cfg = cfg.replace(generate_batch=auto_generate_batch(s))
     return s
 
 
@@ -180,13 +179,13 @@ def group_rows(cfg: Config, train: list) -> int:
     return members * n_prompts(cfg, train)
 
 
-def auto_generate_batch(s: Session) -> int:
-    """generate_batch as given, or (0, auto) the rows that fit in free device memory:
-    the smallest answer over the ranks, so that every rank cuts its batches alike
-    (collective). 0 stays 0 on the CPU (all rows in one call)."""
+def rows_that_fit(s: Session) -> int:
+    """This rank's answer for generate_batch 0 (auto): the rows of one generate call whose
+    KV cache and activations fit in 90% of the free GPU memory (es_mpi.plan), or 0 (no
+    limit) on the CPU."""
     cfg = s.cfg
-    if cfg.generate_batch or s.device.type != "cuda":
-        return cfg.generate_batch
+    if s.device.type != "cuda":
+        return 0
     from es_mpi import plan
 
     rows = max(group_rows(cfg, s.train), cfg.eval_batch_size)
@@ -196,7 +195,16 @@ def auto_generate_batch(s: Session) -> int:
     free = min(torch.cuda.mem_get_info(d)[0] for d in s.devices)
     fits = plan.rows_that_fit(s.model.config, next(s.model.parameters()).dtype,
                               prompt_tokens, cfg.max_new_tokens, int(free * 0.9))
-    return int(min(s.dist.allgather_ints([min(rows, fits)])[:, 0]))
+    return min(rows, fits)
+
+
+def decide_generate_batch(s: Session) -> None:
+    """Collective, after every rank has its replica: settle generate_batch 0 (auto) to the
+    smallest limit any rank needs, so that every rank cuts its batches alike."""
+    if s.cfg.generate_batch:
+        return
+    limits = [int(v) for v in s.dist.allgather_ints([rows_that_fit(s)])[:, 0] if v > 0]
+    s.cfg = s.cfg.replace(generate_batch=min(limits) if limits else 0)
 
 
 # -- one generation --------------------------------------------------------------------
