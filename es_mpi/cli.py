@@ -385,6 +385,77 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
         click.echo(f"wrote {json_out}")
 
 
+@cli.command(name="plan")
+@click.option("--model", metavar="DIR|CONFIG.json|NAME", required=True,
+              help="A Hugging Face model directory, its config.json, or a shipped config: "
+                   "qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b, qwen2.5-7b, llama-3.1-8b "
+                   "(the -instruct models). Only the config is read, never weights.")
+@click.option("--mode", type=click.Choice(["full", "lowrank"]), default="full",
+              show_default=True, help="Population evaluation, as es-mpi train --mode.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              default="auto", show_default=True,
+              help="Replica dtype; auto is bfloat16, as on a GPU rank (float32 with "
+                   "--device cpu).")
+@click.option("--master", type=click.Choice(["device", "host"]), default="device",
+              show_default=True, help="Where the fp32 master (and decay anchor) live.")
+@click.option("--decay-to", type=click.Choice(["zero", "init"]), default="zero",
+              show_default=True, help="init keeps an fp32 anchor copy of the trained weights.")
+@click.option("--population", type=int, default=8, show_default=True, help="Members N.")
+@click.option("--member-batch", type=int, default=4, show_default=True,
+              help="lowrank: members in one batched generate.")
+@click.option("--rank", type=int, default=1, show_default=True, help="lowrank rank r.")
+@click.option("--antithetic", is_flag=True, help="Antithetic pairs (N/2 distinct seeds).")
+@click.option("--prompts", type=int, default=16, show_default=True,
+              help="Training prompts per generation (es-mpi train --batch-size, or the "
+                   "task's training set when that is 0).")
+@click.option("--prompt-tokens", type=int, default=128, show_default=True,
+              help="Tokens of the longest prompt (the batch is padded to it).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True,
+              help="Tokens generated per prompt.")
+@click.option("--generate-batch", type=int, default=0, show_default=True,
+              help="Rows per generate call (0 = auto: all rows, or as many as fit in "
+                   "--gpu-memory, as the engine decides).")
+@click.option("--gpu-memory", default="80GB", show_default=True, metavar="SIZE",
+              help="Memory of one GPU: 80GB, 141GB (10^9 bytes), 80GiB or 80G (2^30), "
+                   "512MiB ...")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda",
+              show_default=True, help="Plan a GPU rank, or a CPU rank (everything in RAM).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object with every term in bytes.")
+def plan_command(model, mode, dtype, master, decay_to, population, member_batch, rank,
+                 antithetic, prompts, prompt_tokens, max_new_tokens, generate_batch,
+                 gpu_memory, device, as_json) -> None:
+    """Estimate the memory one rank needs, before anything loads.
+
+    Bytes per rank for the weights, the fp32 master, the decay anchor, noise buffers,
+    lowrank factors, the KV cache and the activations of generate, on the device and on
+    the host, from the model's config alone; then whether it fits in --gpu-memory and,
+    if not, what to change. Estimates calibrated against peaks measured on the CPU.
+    """
+    import json
+
+    from es_mpi import plan as planner
+
+    try:
+        settings = planner.Settings(
+            mode=mode, dtype=dtype, master=master, decay_to=decay_to, population=population,
+            member_batch=member_batch, rank=rank, antithetic=antithetic, prompts=prompts,
+            prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
+            generate_batch=generate_batch, gpu_memory=planner.parse_size(gpu_memory),
+            device=device)
+        planner.resolve(model)  # a bad name fails here, before transformers is imported
+        shape = planner.shape_of(model)
+        result = planner.plan(shape, settings)
+        tips = planner.suggestions(shape, result)
+    except EsError as exc:
+        click.echo(f"es-mpi: error: {_one_line(exc)}", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "suggestions": tips}))
+    else:
+        click.echo(planner.report(shape, result))
+
+
 def main() -> None:
     cli()
 

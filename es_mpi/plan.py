@@ -1,0 +1,605 @@
+"""`es-mpi plan`: the memory one rank needs, from the model's config alone (no weights).
+
+The model's shape comes from its config.json: a skeleton built on the meta device gives
+every parameter's exact size (tied weights once) and, for lowrank mode, the matrices it
+trains (es_mpi.lowrank.perturbed_matrices). The terms follow what the engine allocates:
+
+  weights      the replica, every parameter in the replica dtype
+  master       fp32 copy of the trained tensors (full: every parameter, a separate copy
+               even in fp32; lowrank: the matrices, none in fp32 with the master on the
+               device, where the parameters are their own master)
+  anchor       --decay-to init: fp32 copy of the trained tensors, beside the master
+  staging      --master host: one fp32 buffer on the device, the largest trained tensor
+  noise work   the Replica's two fp32 noise chunks per device (es_mpi.noise.NOISE_CHUNK)
+  factors      lowrank: a group's factors, member_batch * rank * (rows + cols) per matrix
+  KV cache     2 * layers * rows * kv_heads * (prompt + new tokens) * head_dim, replica dtype
+  activations  what generate holds beyond the final KV cache, at its peak: the largest of
+               the prefill (4 * hidden + 3 * intermediate values per prompt token, the MLP's
+               peak, and the attention mask), its logits (rows x vocab in the replica dtype
+               plus two fp32 copies) and the last decode step (the cache's growth: torch.cat
+               makes each layer's keys anew every step, and the logits)
+  update       transients of the update phase, when the KV cache is gone: a second noise
+               work space, or (lowrank) the factors of every distinct seed of one matrix
+
+A rank's peak is its resident terms plus the larger of the evaluation phase (factors, KV
+cache, activations) and the update phase. The activation coefficients were measured on the
+CPU (torch 2.13, transformers 5.25), and tests/test_plan.py checks whole plans against
+peaks measured there. On a GPU, torch's caching allocator may reserve more than it
+allocates (not included) and the CUDA context is an assumed reserve, not a measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from es_mpi.errors import EsError
+from es_mpi.noise import NOISE_CHUNK
+
+CONFIG_DIR = Path(__file__).parent / "configs"   # shipped configs of the paper's models
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FP32 = 4
+
+# generate, measured on the CPU: values per prompt token in the prefill, replica dtype
+PREFILL_PER_HIDDEN = 4        # residual, normed input, MLP output, the layer's output
+PREFILL_PER_INTERMEDIATE = 3  # gate activation, up projection and their product
+LOGIT_COPIES_FP32 = 2         # generate's fp32 scores, and a logits processor's copy
+# A GPU rank's memory outside torch's allocations: the CUDA context and library
+# workspaces. Assumed, not measured (no GPU was available to calibrate it).
+CUDA_CONTEXT_BYTES = 2**30
+# A CPU rank's memory beyond its imports that no term names: the libraries' first use
+# (code pages of the kernels run, their caches, the tokenizer); measured 23-35 MiB.
+CPU_RUNTIME_BYTES = 24 * 2**20
+
+_UNITS = {"": 1, "b": 1,
+          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '80GB' (10^9), '80GiB' or '80G' (2^30), '512MiB', '1.5TB', '1000000'."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if unit not in _UNITS:
+        raise EsError(f"--gpu-memory {text!r}: not a size; write e.g. 80GB, 80GiB, 141GB "
+                      "or 512MiB (GB = 10^9 bytes, GiB and G = 2^30)")
+    size = float(m.group(1)) * _UNITS[unit]
+    if not 0 < size < 2**62:
+        raise EsError(f"--gpu-memory {text!r}: must be more than 0 bytes")
+    return int(size)
+
+
+def human(n: float) -> str:
+    """Bytes in binary units: '14.2 GiB', '512.0 MiB', '0 B'."""
+    n = float(n)
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+# -- the model's shape -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Dims:
+    """What the KV cache and activations depend on, read from a (text) config."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    # per layer: the tokens its cache keeps at most (None: all, a sliding window: that)
+    windows: tuple[int | None, ...] = ()
+
+    def cache_tokens(self, seq: int) -> int:
+        """Tokens summed over the layers' caches when the sequence is `seq` long."""
+        windows = self.windows or (None,) * self.layers
+        return sum(seq if w is None else min(seq, w) for w in windows)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model, as the planner sees it: parameter counts from its skeleton, and Dims."""
+
+    name: str
+    source: str
+    model_type: str
+    params: int                  # every parameter once (tied weights once)
+    largest: int                 # elements of the largest parameter
+    dims: Dims
+    # lowrank: the trained matrices' (first dim, second dim), or why lowrank refuses
+    matrices: tuple[tuple[int, int], ...] = ()
+    lowrank_error: str = ""
+
+    @property
+    def matrix_params(self) -> int:
+        return sum(a * b for a, b in self.matrices)
+
+
+def dims_of(config: Any) -> Dims:
+    """Dims from a transformers config (a multimodal one's text config)."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def get(*names: str, default=None):
+        for name in names:
+            value = getattr(c, name, None)
+            if value is not None:
+                return value
+        if default is None:
+            raise EsError(f"model config ({type(c).__name__}) has none of "
+                          f"{', '.join(names)}: cannot plan its memory")
+        return default
+
+    layers = int(get("num_hidden_layers", "n_layer"))
+    hidden = int(get("hidden_size", "n_embd", "d_model"))
+    heads = int(get("num_attention_heads", "n_head"))
+    kv_heads = int(get("num_key_value_heads", default=heads))
+    head_dim = int(get("head_dim", default=hidden // heads))
+    intermediate = int(get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden))
+    vocab = int(get("vocab_size"))
+    windows: tuple[int | None, ...] = ()
+    layer_types = getattr(c, "layer_types", None)
+    window = getattr(c, "sliding_window", None)
+    if layer_types and window:
+        windows = tuple(int(window) if t == "sliding_attention" else None
+                        for t in layer_types)
+    return Dims(layers, hidden, intermediate, heads, kv_heads, head_dim, vocab, windows)
+
+
+def shipped() -> dict[str, Path]:
+    """Shipped configs by name (file stem), e.g. 'Qwen2.5-7B-Instruct'."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.json"))}
+
+
+def _short(name: str) -> str:
+    return name.lower().removesuffix("-instruct")
+
+
+def resolve(model: str) -> tuple[str, Path]:
+    """(name, config.json path) of --model: a model directory, a config JSON file, or a
+    shipped name (case-insensitive, '-Instruct' optional: qwen2.5-7b). Cheap: no imports."""
+    if not model:
+        raise EsError("no model given: pass --model DIR, CONFIG.json or a shipped name ("
+                      + ", ".join(shipped()) + ")")
+    p = Path(model)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise EsError(f"{p} has no config.json; pass a Hugging Face model directory, "
+                          "a config JSON file or a shipped name")
+        return p.resolve().name, p / "config.json"
+    if p.is_file():
+        return p.stem, p
+    for name, path in shipped().items():
+        if _short(model) == _short(name):
+            return name, path
+    raise EsError(f"model {model!r}: no such directory or file, and not a shipped config; "
+                  f"shipped: {', '.join(_short(n) for n in shipped())}")
+
+
+def shape_of(model: str) -> Shape:
+    """The Shape of --model (see resolve), from its config on the meta device (about a
+    second for an 8B model; no weights are read)."""
+    name, path = resolve(model)
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EsError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
+        raise EsError(f"{path} is not a model config (a JSON object with model_type)")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from es_mpi.lowrank import perturbed_matrices
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError,
+            RuntimeError, NotImplementedError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EsError(f"cannot build model {name} from {path}: {first}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    params = dict(skeleton.named_parameters())
+    matrices: tuple[tuple[int, int], ...] = ()
+    refused = ""
+    try:
+        trained = perturbed_matrices(skeleton)
+        matrices = tuple((params[n].shape[0], params[n].shape[1]) for n in trained)
+    except EsError as exc:
+        refused = str(exc)
+    return Shape(name=name, source=str(path), model_type=values["model_type"],
+                 params=sum(p.numel() for p in params.values()),
+                 largest=max(p.numel() for p in params.values()), dims=dims_of(config),
+                 matrices=matrices, lowrank_error=refused)
+
+
+# -- generate: KV cache and activations ----------------------------------------------------
+
+def _dtype_bytes(dtype: Any) -> int:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_BYTES:
+        raise EsError(f"dtype {dtype}: choose float32, bfloat16 or float16")
+    return DTYPE_BYTES[name]
+
+
+def _dims(model: Any) -> Dims:
+    if isinstance(model, Dims):
+        return model
+    if isinstance(model, Shape):
+        return model.dims
+    return dims_of(model)
+
+
+def kv_cache_bytes(model: Any, dtype: Any, rows: int, tokens: int) -> int:
+    """Keys and values of `rows` sequences of `tokens` tokens (DynamicCache)."""
+    d = _dims(model)
+    return 2 * rows * d.kv_heads * d.head_dim * d.cache_tokens(tokens) * _dtype_bytes(dtype)
+
+
+def generate_bytes(model: Any, dtype: Any, rows: int, prompt_tokens: int,
+                   max_new_tokens: int, device: str = "cuda") -> dict[str, int]:
+    """Peak bytes of one greedy `generate` call of `rows` rows: {"kv_cache": the cache at
+    the end, "activations": the rest at the peak, "total"}.
+
+    The peak is the largest of three moments: the prefill's last layer (cache of the
+    prompt, activations of every prompt token), the prefill's logits, and the last decode
+    step (full cache, one layer's keys made anew, the step's logits).
+    """
+    d = _dims(model)
+    eb = _dtype_bytes(dtype)
+    seq = prompt_tokens + max_new_tokens - 1          # the last token is never fed back
+    kv_final = kv_cache_bytes(d, dtype, rows, seq)
+    kv_prompt = kv_cache_bytes(d, dtype, rows, prompt_tokens)
+    per_token = max(PREFILL_PER_HIDDEN * d.hidden + PREFILL_PER_INTERMEDIATE * d.intermediate,
+                    3 * d.hidden + 6 * d.heads * d.head_dim + 2 * d.kv_heads * d.head_dim)
+    prefill = (kv_prompt + rows * prompt_tokens * per_token * eb
+               + rows * prompt_tokens * prompt_tokens)   # the boolean attention mask
+    logits = rows * d.vocab * (eb + LOGIT_COPIES_FP32 * FP32)
+    head = kv_prompt + logits
+    if device == "cpu" and eb == 2:
+        # torch on the CPU, 16-bit: the prefill's LM head reads a strided slice (the last
+        # position) and its batched matmul copies the head's weights once per row
+        head += rows * d.vocab * d.hidden * eb
+    growth = kv_final // max(1, 2 * d.layers)         # one layer's keys, made anew
+    decode = kv_final + growth + logits
+    peak = max(prefill, head, decode)
+    return {"kv_cache": kv_final, "activations": peak - kv_final, "total": peak}
+
+
+def rows_that_fit(model: Any, dtype: Any, prompt_tokens: int, max_new_tokens: int,
+                  budget_bytes: int, device: str = "cuda") -> int:
+    """Rows per generate call whose KV cache and activations fit in `budget_bytes`.
+
+    `model`: a transformers config (as `model.config`), a Shape or Dims; `dtype`: the
+    replica's (torch.bfloat16 or 'bfloat16'); tokens: the longest prompt and the new
+    tokens. Every term of generate_bytes grows linearly with the rows, so this is the
+    budget over one row's bytes, and at least 1 (a single row is always attempted).
+    """
+    one_row = generate_bytes(model, dtype, 1, prompt_tokens, max_new_tokens, device)["total"]
+    return max(1, int(budget_bytes // max(1, one_row)))
+
+
+# -- the plan --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """What the plan depends on, with es-mpi train's meaning (es_mpi.config.Config)."""
+
+    mode: str = "full"
+    dtype: str = "auto"          # auto: bfloat16 on a GPU rank, float32 on a CPU rank
+    master: str = "device"
+    decay_to: str = "zero"
+    population: int = 8
+    member_batch: int = 4
+    rank: int = 1
+    antithetic: bool = False
+    prompts: int = 16
+    prompt_tokens: int = 128
+    max_new_tokens: int = 64
+    generate_batch: int = 0      # 0 = auto: all rows, or as many as fit in gpu_memory
+    gpu_memory: int = 80 * 10**9
+    device: str = "cuda"         # cuda: a GPU rank; cpu: a CPU rank (everything in RAM)
+
+    def __post_init__(self) -> None:
+        choices = {"mode": ("full", "lowrank"), "master": ("device", "host"),
+                   "decay_to": ("zero", "init"), "device": ("cuda", "cpu"),
+                   "dtype": ("auto", *DTYPE_BYTES)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise EsError(f"--{name.replace('_', '-')} {getattr(self, name)}: choose one "
+                              f"of {', '.join(allowed)}")
+        for name in ("population", "member_batch", "rank", "prompts", "prompt_tokens",
+                     "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise EsError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.population < 2:
+            raise EsError(f"--population {self.population}: need at least 2 members")
+        if self.antithetic and self.population % 2:
+            raise EsError(f"--population {self.population}: antithetic pairs need an even "
+                          "population")
+        if self.generate_batch < 0:
+            raise EsError(f"--generate-batch {self.generate_batch}: must be >= 0 (0 = auto)")
+        if self.gpu_memory <= 0:
+            raise EsError("--gpu-memory must be more than 0 bytes")
+
+    @property
+    def replica_dtype(self) -> str:
+        if self.dtype == "auto":
+            return "bfloat16" if self.device == "cuda" else "float32"
+        return self.dtype
+
+    @property
+    def rows(self) -> int:
+        """Rows of the largest generate a generation asks for (a group's members x prompts)."""
+        members = min(self.member_batch, self.population) if self.mode == "lowrank" else 1
+        return members * self.prompts
+
+
+TERMS = ("weights", "master", "anchor", "staging", "noise_work", "lowrank_factors",
+         "kv_cache", "activations", "update", "cuda_context", "runtime")
+EVALUATION = ("lowrank_factors", "kv_cache", "activations")  # alive during generate only
+
+
+@dataclass
+class Plan:
+    """Bytes per rank, term by term, on the device and on the host."""
+
+    model: str
+    params: int
+    trained_params: int
+    settings: Settings
+    generate_batch: int          # rows per generate call actually planned
+    device: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the device total fits in --gpu-memory (None for a CPU rank)."""
+        if self.settings.device == "cpu":
+            return None
+        return self.device["total"] <= self.settings.gpu_memory
+
+    def to_dict(self) -> dict:
+        out = {"model": self.model, "params": self.params,
+               "trained_params": self.trained_params, "settings": asdict(self.settings),
+               "dtype": self.settings.replica_dtype, "rows": self.settings.rows,
+               "generate_batch": self.generate_batch, "device": self.device,
+               "host": self.host, "gpu_memory": self.settings.gpu_memory,
+               "fits": self.fits, "notes": self.notes}
+        return out
+
+
+def _terms(shape: Shape, s: Settings, micro: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(device terms, host terms) in bytes, for `micro` rows per generate call."""
+    eb = DTYPE_BYTES[s.replica_dtype]
+    lowrank = s.mode == "lowrank"
+    on_host = s.master == "host"
+    cuda = s.device == "cuda"
+    # on a CPU rank every term is in the same memory: the device column holds them all
+    host_side = on_host and cuda
+    trained = shape.matrix_params if lowrank else shape.params
+    largest = max((a * b for a, b in shape.matrices), default=0) if lowrank else shape.largest
+    dev = dict.fromkeys(TERMS, 0)
+    host = dict.fromkeys(TERMS, 0)
+
+    dev["weights"] = shape.params * eb
+    master = trained * FP32
+    if lowrank and s.replica_dtype == "float32" and not on_host:
+        master = 0  # the fp32 parameters are their own master
+    (host if host_side else dev)["master"] = master
+    if s.decay_to == "init":
+        (host if host_side else dev)["anchor"] = trained * FP32
+    if on_host:
+        dev["staging"] = largest * FP32
+    # noise work space: two fp32 chunks per device (es_mpi.es._work). A GPU holds all of
+    # it; on the CPU only the pages written are resident: a tensor's worth at most, and
+    # the second chunk only once an update wrote it.
+    chunk = NOISE_CHUNK if cuda else min(NOISE_CHUNK, largest)
+    work = 2 * chunk * FP32
+    if not lowrank or on_host:  # the Replica's, made by the first perturbation (full) or
+        dev["noise_work"] = work if cuda else chunk * FP32   # staged update, then kept
+
+    # evaluation phase: one group's generate
+    if lowrank:
+        cols = min(s.member_batch, s.population) * s.rank
+        dev["lowrank_factors"] = (sum(a + b for a, b in shape.matrices) * cols * eb
+                                  + s.rows * cols * eb)          # and the row scales
+        # drawn in fp32 on the CPU, then concatenated, a matrix at a time
+        (host if cuda else dev)["lowrank_factors"] += \
+            max((a + b for a, b in shape.matrices), default=0) * cols * FP32 * 2
+    gen = generate_bytes(shape.dims, s.replica_dtype, micro, s.prompt_tokens,
+                         s.max_new_tokens, s.device)
+    dev["kv_cache"], dev["activations"] = gen["kv_cache"], gen["activations"]
+
+    # update phase (the KV cache is gone by then)
+    if lowrank:
+        seeds = s.population // 2 if s.antithetic else s.population
+        kr = seeds * s.rank * FP32  # every distinct seed's factors of one matrix, side by side
+        concat = max((kr * max(2 * a, a + b) for a, b in shape.matrices), default=0)
+        drawn = max((kr * (a + b) for a, b in shape.matrices), default=0)  # on the CPU
+        own_work = 0 if on_host else (work if cuda else chunk * FP32)
+        dev["update"] = concat + own_work
+        if cuda:
+            host["update"] = drawn + concat
+        else:
+            dev["update"] += drawn
+    elif not on_host:
+        dev["update"] = work                 # es_update_ makes its own work space
+    elif not cuda:
+        dev["update"] = chunk * FP32         # the update writes the Replica's second chunk
+    dev["update"] = max(dev["update"], chunk * 8)  # the checksum's int64 sums of a chunk
+    if cuda:
+        dev["cuda_context"] = CUDA_CONTEXT_BYTES
+    else:
+        dev["runtime"] = CPU_RUNTIME_BYTES
+    return dev, host
+
+
+def _total(terms: dict[str, int]) -> int:
+    """Resident terms plus the larger of the evaluation and the update phases."""
+    evaluation = sum(terms[k] for k in EVALUATION)
+    resident = sum(terms[k] for k in TERMS) - evaluation - terms["update"]
+    return resident + max(evaluation, terms["update"])
+
+
+def plan(shape: Shape, settings: Settings) -> Plan:
+    """The memory of one rank for `settings`; see the module docstring for the terms."""
+    s = settings
+    if s.mode == "lowrank" and shape.lowrank_error:
+        raise EsError(f"model {shape.name}: {shape.lowrank_error}")
+    if s.mode == "lowrank" and not shape.matrices:
+        raise EsError(f"model {shape.name} has no Linear, Conv1D or Embedding weights for "
+                      "lowrank mode; use --mode full")
+    notes = []
+    micro = min(s.generate_batch, s.rows) if s.generate_batch else s.rows
+    if not s.generate_batch and s.device == "cuda":
+        # as the engine decides it: 90% of the memory free once the replica is loaded
+        dev, _ = _terms(shape, s, 1)
+        loaded = sum(dev[k] for k in ("weights", "master", "anchor", "cuda_context"))
+        fit = rows_that_fit(shape, s.replica_dtype, s.prompt_tokens, s.max_new_tokens,
+                            int(max(0, s.gpu_memory - loaded) * 0.9))
+        micro = min(s.rows, fit)
+        notes.append(f"--generate-batch 0 (auto) gives {micro} of {s.rows} rows per generate "
+                     "call in this much GPU memory")
+    dev, host = _terms(shape, s, micro)
+    dev["total"] = _total(dev)
+    host["total"] = _total(host)
+    trained = shape.matrix_params if s.mode == "lowrank" else shape.params
+    return Plan(model=shape.name, params=shape.params, trained_params=trained, settings=s,
+                generate_batch=micro, device=dev, host=host, notes=notes)
+
+
+def suggestions(shape: Shape, p: Plan) -> list[str]:
+    """Changes that make a plan fit in --gpu-memory, each with its device total (none when
+    it fits), least disruptive first."""
+    s = p.settings
+    if p.fits is not False:
+        return []
+    budget = s.gpu_memory
+
+    def fitting(**changes) -> Plan | None:
+        q = plan(shape, replace(s, **changes))
+        return q if q.device["total"] <= budget else None
+
+    out = []
+
+    def offer(flags: str, q: Plan, why: str) -> None:
+        out.append(f"{flags}: {human(q.device['total'])} on the GPU ({why})")
+
+    # micro-batches: the largest generate batch that fits (the plan is monotone in it)
+    lo, hi = 0, p.generate_batch - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fitting(generate_batch=mid) else (lo, mid - 1)
+    if lo >= 1:
+        offer(f"--generate-batch {lo}", fitting(generate_batch=lo),
+              f"the KV cache of {lo} rows per generate call")
+    moved = p.device["master"] + p.device["anchor"]
+    if moved:
+        q = fitting(master="host") or fitting(master="host", generate_batch=0)
+        if q:
+            flags = "--master host" + (" --generate-batch 0" if q.settings.generate_batch
+                                       != s.generate_batch else "")
+            offer(flags, q, f"{human(moved)} of fp32 copies move to host memory")
+    if s.mode == "full" and shape.matrices and not shape.lowrank_error:
+        for master in ("device", "host"):
+            q = fitting(mode="lowrank", master=master, generate_batch=0)
+            if q:
+                offer(f"--mode lowrank{' --master host' if master == 'host' else ''}", q,
+                      "trains the weight matrices only, all members of a group in one "
+                      "generate")
+                break
+    if s.replica_dtype == "float32":
+        q = fitting(dtype="bfloat16", generate_batch=0)
+        if q:
+            offer("--dtype bfloat16", q, "half the replica; the update stays fp32")
+    if s.decay_to == "init" and (q := fitting(decay_to="zero")):
+        offer("--decay-to zero", q, "no fp32 anchor copy")
+    if not out:
+        k = max(2, math.ceil(p.device["total"] / (budget * 0.9)))
+        out.append(f"split the replica across GPUs: --gpus-per-rank {k}, about "
+                   f"{human(p.device['total'] / k)} per GPU (the weights alone are "
+                   f"{human(p.device['weights'])})")
+    return out
+
+
+# -- text output -----------------------------------------------------------------------------
+
+_LABELS = {
+    "weights": "weights ({dtype} replica)",
+    "master": "fp32 master",
+    "anchor": "decay anchor (--decay-to init)",
+    "staging": "staging buffer (--master host)",
+    "noise_work": "noise work buffers",
+    "lowrank_factors": "lowrank factors (one group)",
+    "kv_cache": "KV cache ({rows} rows x {seq} tokens)",
+    "activations": "generate: activations, logits",
+    "update": "update transients",
+    "cuda_context": "CUDA context (assumed)",
+    "runtime": "libraries' first use",
+}
+
+
+def report(shape: Shape, p: Plan) -> str:
+    """The plan as the lines `es-mpi plan` prints."""
+    s = p.settings
+    d = shape.dims
+    seq = s.prompt_tokens + s.max_new_tokens
+    where = "GPU" if s.device == "cuda" else "CPU"
+    auto = " (dtype auto: a GPU rank)" if s.dtype == "auto" and s.device == "cuda" else ""
+    group = (f" in groups of {min(s.member_batch, s.population)}, rank {s.rank}"
+             if s.mode == "lowrank" else "")
+    lines = [
+        f"es-mpi plan: {shape.name}, {p.params / 1e9:.2f} B parameters "
+        f"({p.trained_params / 1e9:.2f} B trained), {s.mode} mode, {s.replica_dtype} "
+        f"replica{auto}, master on the {s.master}",
+        f"  shape: {d.layers} layers, hidden {d.hidden}, intermediate {d.intermediate}, "
+        f"{d.heads} heads, {d.kv_heads} KV heads x {d.head_dim}, vocab {d.vocab}",
+        f"  batch: population {s.population}{group}; {s.prompts} prompts x "
+        f"({s.prompt_tokens} prompt + {s.max_new_tokens} new tokens); {p.generate_batch} "
+        f"of {s.rows} rows per generate call",
+        "",
+        f"  {'per rank':<42}{where:>11}{'host':>11}",
+    ]
+    for term in TERMS:
+        dv, hv = p.device[term], p.host[term]
+        if dv or hv:
+            label = _LABELS[term].format(dtype=s.replica_dtype, rows=p.generate_batch,
+                                         seq=seq)
+            lines.append(f"  {label:<42}{human(dv) if dv else '-':>11}"
+                         f"{human(hv) if hv else '-':>11}")
+    lines.append(f"  {'total (peak)':<42}{human(p.device['total']):>11}"
+                 f"{human(p.host['total']) if p.host['total'] else '-':>11}")
+    evaluation = sum(p.device[k] for k in EVALUATION)
+    lines.append(f"  (peak: the resident terms and the larger phase: generate "
+                 f"{human(evaluation)}, update {human(p.device['update'])})")
+    lines += [f"  note: {n}" for n in p.notes]
+    lines.append("  (not counted: the Python process itself, torch and transformers "
+                 "imported, a few hundred MiB of host memory per rank)")
+    if s.device == "cpu":
+        lines.append("Estimates calibrated against peaks measured on the CPU.")
+        return "\n".join(lines)
+    if p.fits:
+        lines.append(f"fits in {human(s.gpu_memory)} of GPU memory, "
+                     f"{human(s.gpu_memory - p.device['total'])} to spare")
+    else:
+        lines.append(f"does not fit in {human(s.gpu_memory)} of GPU memory "
+                     f"({human(p.device['total'] - s.gpu_memory)} over); to fit:")
+        lines += [f"  {tip}" for tip in suggestions(shape, p)]
+    lines.append("Estimates calibrated against peaks measured on the CPU; on a GPU the "
+                 "caching allocator may reserve more than it allocates: leave a margin.")
+    return "\n".join(lines)
