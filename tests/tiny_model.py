@@ -36,9 +36,12 @@ def make_tokenizer(path: Path, chat_template: bool = True, pad: bool = True):
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
+    # no token_type_ids, as a decoder LM's tokenizer (transformers 4.x adds them by default,
+    # and generate(**enc) then refuses them)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>" if pad else None,
-                                   bos_token="<|im_start|>")
+                                   bos_token="<|im_start|>",
+                                   model_input_names=["input_ids", "attention_mask"])
     if chat_template:
         fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
