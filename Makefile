@@ -40,14 +40,15 @@ test: $(VENV)/.installed
 
 # Built anew whenever the pins change (the environment is then exactly the pins).
 # mpi4py 3.1.4 has no wheel: it compiles against the mpich wheel's mpicc (installed first,
-# on PATH), with a setuptools old enough for its setup.py (a build constraint only).
+# on PATH), with a setuptools old enough for its setup.py (a build constraint only), and
+# never from pip's wheel cache: a wheel built in another venv links that venv's libmpi.
 $(VENV_MIN)/.installed: tools/lowest-versions.txt pyproject.toml
 	rm -rf $(VENV_MIN)
 	$(PYTHON) -m venv $(VENV_MIN)
 	$(MIN_BIN)/python -m pip install -q --upgrade pip
 	$(MIN_BIN)/python -m pip install -q "$(TORCH)" mpich
 	printf 'setuptools<70\n' > $(VENV_MIN)/build-constraints.txt
-	PATH="$(CURDIR)/$(MIN_BIN):$$PATH" $(MIN_BIN)/python -m pip install -q \
+	PATH="$(CURDIR)/$(MIN_BIN):$$PATH" $(MIN_BIN)/python -m pip install -q --no-cache-dir \
 	    --build-constraint $(VENV_MIN)/build-constraints.txt -r tools/lowest-versions.txt
 	$(MIN_BIN)/python -m pip install -q --no-deps -e .
 	touch $@
