@@ -154,39 +154,44 @@ def _row_scales(coef: torch.Tensor, rank: int, rows: int) -> torch.Tensor:
 def _hook(use: Use, a: torch.Tensor, b: torch.Tensor, current: dict, key: tuple):
     """a, b: every member's factors side by side, (W's first dim, M*r), (second, M*r).
 
-    One GEMM against all members' factors, masked to each row's own member, then one
-    GEMM back: M*r*(in + out) extra multiply-adds per row, a few percent of the layer.
+    Two thin GEMMs: the input against all members' input-side factors (stored (M*r, in),
+    contiguous, for F.linear: about twice as fast as `x @ b` on a CPU at decode shapes),
+    masked to each row's own member by the row scales, then back through the output-side
+    factors into the module's output, in place: M*r*(in + out) extra multiply-adds per row.
     `current[key]` holds the row scales of the rows now in the batch (see population).
     """
+    linear = torch.nn.functional.linear
     if use.layout == EMBEDDING:   # e = W[ids] * s: the rows of A picked by the ids, against B
-        back = b * use.scale if use.scale != 1.0 else b
+        back = (b * use.scale if use.scale != 1.0 else b).T.contiguous()
 
         def low_of(x):
             return torch.nn.functional.embedding(x, a)
     elif use.layout == CONV1D:    # y = x W, W (in x out): x (A B^T) = (x A) B^T
-        back = b
+        back, into = b.T.contiguous(), a.T.contiguous()
 
         def low_of(x):
-            return x @ a
+            return linear(x, into)
     else:                         # y = x W^T, W (out x in): x (A B^T)^T = (x B) A^T
-        back = a
+        back, into = a.T.contiguous(), b.T.contiguous()
 
         def low_of(x):
-            return x @ b
+            return linear(x, into)
+    device = back.device
+
     def hook(module, inputs, output):
         scales = current[key]
         rows = scales.shape[0]
         x = inputs[0]
-        if x.device != a.device:  # a replica split across devices: accelerate moves the
-            x = x.to(a.device)    # input inside forward, so a hook sees it where it was
+        if x.device != device:  # a replica split across devices: accelerate moves the
+            x = x.to(device)    # input inside forward, so a hook sees it where it was
         low = low_of(x)
         if output.shape[0] == rows:
             low *= scales
             # in place: the module's output is a fresh tensor that nothing else holds yet
-            output.view(-1, output.shape[-1]).addmm_(low.view(-1, low.shape[-1]), back.T)
+            output.view(-1, output.shape[-1]).addmm_(low.view(-1, low.shape[-1]), back)
             return output
         if output.shape[0] == 1:  # shared by every row (position embeddings of (1, seq))
-            return output + (low * scales) @ back.T
+            return output + (low * scales) @ back
         raise RuntimeError(f"lowrank: a batch of {output.shape[0]} rows where "
                            f"{rows} (members x prompts) were expected")
     return hook
