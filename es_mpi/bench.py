@@ -39,16 +39,15 @@ def run_mode(mode: str, opts: dict) -> dict:
     from es_mpi import runfile
     from es_mpi.config import Config
     from es_mpi.dist import Dist, return_freed_memory
+    from es_mpi.loop import run_generation
     from es_mpi.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
-    from es_mpi.train import (
+    from es_mpi.record import write_checkpoint, write_generation
+    from es_mpi.session import (
         check_task,
         decide_generate_batch,
         examples_fingerprint,
         open_session,
         prompt_ids_for,
-        run_generation,
-        write_checkpoint,
-        write_generation,
     )
 
     torch.set_num_threads(opts["threads"])
@@ -150,7 +149,7 @@ def comm_bytes(population: int, world: int) -> dict[str, int]:
     four int64 (checksum, stop signal, peak memory of two phases) per rank; each rank
     sends its share, receives all.
     """
-    from es_mpi.train import ROW_DTYPE
+    from es_mpi.evaluators import ROW_DTYPE
 
     mine = -(-population // world)
     return {"sent": mine * ROW_DTYPE.itemsize + 32,

@@ -14,16 +14,16 @@ from es_mpi.config import Config
 from es_mpi.dist import Dist, set_threads
 from es_mpi.errors import EsError
 from es_mpi.evaluate import eval_examples, evaluate
-from es_mpi.stop import Stopped
-from es_mpi.train import (
+from es_mpi.loop import train_loop
+from es_mpi.replay import rebuild
+from es_mpi.session import (
     check_task,
     decide_generate_batch,
     examples_fingerprint,
     n_prompts,
     open_session,
-    rebuild,
-    train_loop,
 )
+from es_mpi.stop import Stopped
 from tasks import Task
 
 

@@ -92,7 +92,7 @@ PAPER = {
 @pytest.mark.parametrize("name", list(PAPER))
 def test_the_paper_presets_hold_the_papers_settings(name):
     from es_mpi.config import Config
-    from es_mpi.train import check_task
+    from es_mpi.session import check_task
 
     cfg = Config.from_dict(presets.load(name))
     for key, value in PAPER[name].items():

@@ -42,7 +42,8 @@ def measure(opts: dict) -> dict:
     from es_mpi import memory
     from es_mpi import model as hf
     from es_mpi.config import Config
-    from es_mpi.train import check_task, open_session, prompt_ids_for, run_generation
+    from es_mpi.loop import run_generation
+    from es_mpi.session import check_task, open_session, prompt_ids_for
 
     cuda = opts["device"] == "cuda"
     with torch.device("meta"):  # imports the model's code, also before the baseline

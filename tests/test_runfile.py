@@ -45,7 +45,7 @@ def test_layout_is_plain_h5py(tmp_path):
 
 
 def rows_of(tensors):
-    from es_mpi.train import base_rows
+    from es_mpi.record import base_rows
 
     return base_rows(tensors)
 

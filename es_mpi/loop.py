@@ -1,0 +1,135 @@
+"""The generation loop, on every rank (DESIGN.md section 1).
+
+One generation t:
+    seeds_n, signs_n = member_seeds(seed, t)       derived, never random state
+    rewards of my members                          an evaluator (es_mpi.evaluators)
+    rows = allgather(member, seed, reward, ...)    the only collective of the data
+    z_n = shape(rewards_n)                         over the whole population
+    theta += lr/N * sum_i z_i sign_i eps_i         same on every rank, in member order
+    checksum and stop signals                      a second allgather of 4 int64
+Rank 0 then appends the generation to the run file and commits it (es_mpi.record).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+
+from es_mpi import memory, progress, runfile
+from es_mpi import model as hf
+from es_mpi.errors import EsError
+from es_mpi.evaluators import REWARD_ERROR, SKIPPED, groups_of, member_groups, score_members
+from es_mpi.noise import member_seeds
+from es_mpi.record import held_out, write_checkpoint, write_generation
+from es_mpi.session import Session, prompt_ids_for
+from es_mpi.shaping import shape
+from es_mpi.stop import Stopped
+from es_mpi.timing import PhaseTimer
+
+
+def run_generation(s: Session, t: int) -> tuple[dict, int]:
+    """Evaluate, gather, shape, update: (the generation's run-file row, stop signal).
+    Raises Stopped (on every rank) if the generation was abandoned for a stop signal."""
+    cfg, dist = s.cfg, s.dist
+    timer, moved = PhaseTimer(s.devices), dist.bytes_moved
+    memory.reset_peak(s.devices)
+    seeds_n, signs_n = member_seeds(cfg.seed, t, cfg.population, cfg.antithetic)
+    prompt_ids = prompt_ids_for(cfg, t, len(s.train))
+    examples = [s.train[j] for j in prompt_ids]
+    batch = hf.encode_prompts(s.tokenizer, [s.task.prompt(e, s.tokenizer) for e in examples],
+                              s.device, s.task.templated(s.tokenizer))
+    groups = member_groups(cfg)
+    with timer("eval"):
+        mine, error = score_members(s, groups_of(dist.rank, dist.size, groups), seeds_n,
+                                    signs_n, examples, batch, timer)
+    peak_eval = memory.peak_bytes(s.devices)
+    memory.reset_peak(s.devices)
+    with timer("gather"):
+        counts = [sum(map(len, groups_of(r, dist.size, groups))) for r in range(dist.size)]
+        rows = dist.allgather_rows(mine, counts)
+        rows = rows[np.argsort(rows["member"], kind="stable")]
+        _check_rows(s, rows, seeds_n, error, t)
+    rewards_n = rows["reward"].astype(np.float64)
+    with timer("update"):
+        z_n = shape(rewards_n, cfg.shaping)
+        s.replica.update(seeds_n, signs_n, z_n, cfg.lr, cfg.weight_decay, s.anchor)
+    with timer("checksum"):
+        check, stop, peaks = _agree_after_update(s, t, peak_eval)
+    row = {"seeds": seeds_n, "signs": signs_n, "rewards": rewards_n, "tokens": rows["tokens"],
+           "eval_seconds": rows["seconds"], "eval_rank": rows["rank"], "prompt_ids": prompt_ids,
+           "reward_mean": rewards_n.mean(), "reward_std": rewards_n.std(),
+           "reward_min": rewards_n.min(), "reward_max": rewards_n.max(), "checksum": check,
+           "world_size": dist.size, "comm_bytes": dist.bytes_moved - moved,
+           "peak_mem_eval": peaks[0], "peak_mem_update": peaks[1],
+           "time_io": 0.0, "time_total": 0.0, "timestamp": 0.0}
+    for phase in ("eval", "perturb", "generate", "score", "gather", "update", "checksum"):
+        row[f"time_{phase}"] = timer[phase]
+    return row, stop
+
+
+def _check_rows(s: Session, rows: np.ndarray, seeds_n: np.ndarray, error: str | None,
+                t: int) -> None:
+    """Every rank raises alike: a reward error, a stop, or rows that do not add up."""
+    if (rows["status"] == REWARD_ERROR).any():
+        s.dist.agree(error)  # every rank raises the failing rank's message
+    if (rows["status"] == SKIPPED).any():
+        signum = next((sig for sig in s.dist.allgather(s.stop.signum) if sig), signal.SIGTERM)
+        raise Stopped(signum, t)
+    if not (np.array_equal(rows["member"], np.arange(len(seeds_n)))
+            and np.array_equal(rows["seed"], seeds_n)):
+        raise RuntimeError(f"generation {t}: gathered rows do not match the member seeds")
+
+
+def _agree_after_update(s: Session, t: int, peak_eval: int) -> tuple[int, int, list[int]]:
+    """The second collective: weight checksums when due (replicas must agree), any rank's
+    stop signal and the ranks' peak memory. Returns (checksum or 0, signal, peaks)."""
+    due = (t + 1) % s.cfg.checksum_every == 0
+    check = s.replica.checksum() if s.dist.is_root or due else 0
+    status = s.dist.allgather_ints([check if due else 0, s.stop.signum, peak_eval,
+                                    memory.peak_bytes(s.devices)])
+    bad = [r for r, c in enumerate(status[:, 0]) if c != status[0, 0]]
+    if due and bad:
+        raise EsError(f"replicas diverged after generation {t}: weight checksum of rank(s) "
+                      f"{', '.join(map(str, bad))} differs from rank 0; stop and resume "
+                      "from the run file (hardware fault or nondeterministic kernel?)")
+    stop = next((int(sig) for sig in status[:, 1] if sig), 0)
+    return check, stop, [int(status[:, 2].max()), int(status[:, 3].max())]
+
+
+def train_loop(s: Session, writer: runfile.RunWriter | None, start: int, fresh: bool) -> None:
+    """Generations start..G-1; `fresh`: a new run, its base model scored first on the
+    held-out split. On a stop signal: rank 0 checkpoints, then Stopped on every rank."""
+    try:
+        _generations(s, writer, start, fresh)
+    except Stopped as stopped:
+        if writer is not None and stopped.complete > 0:
+            if stopped.complete not in runfile.checkpoint_list(writer.f):
+                write_checkpoint(s, writer, stopped.complete, s.replica.checksum())
+            writer.f.flush()
+        raise
+
+
+def _generations(s: Session, writer: runfile.RunWriter | None, start: int,
+                 fresh: bool) -> None:
+    every, total = s.cfg.eval_every, s.cfg.generations
+    show = progress.current(s.dist.is_root)  # rank 0's lines (--quiet/--verbose)
+    if every and fresh:
+        result = held_out(s, writer, 0)
+        if writer is not None:
+            writer.f.flush()
+        show.info(f"gen 0: held-out {result.summary()}")
+    for t in range(start, total):
+        t_start = time.perf_counter()
+        with show.running(t, total):  # a live status line on a terminal
+            row, stop = run_generation(s, t)
+            done, result = t + 1, None
+            if not stop and every and (done % every == 0 or done == total):
+                result = held_out(s, writer, done)
+            if s.dist.is_root:
+                write_generation(s, writer, t, row, t_start)
+        if s.dist.is_root:
+            show.generation(t, total, row, None if result is None else result.summary())
+        if stop:
+            raise Stopped(stop, done)

@@ -1,0 +1,176 @@
+"""A rank's session: the task, its prompts, and the replica loaded on this rank's devices.
+
+`check_task` is the cheap check made before any model loads; `open_session` loads the
+model and builds the fp32 master (heavy); `decide_generate_batch` and
+`decide_member_batch` settle the automatic batch sizes once every rank has its replica.
+The generation loop itself is es_mpi.loop; rebuilding weights from a run file is
+es_mpi.replay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from es_mpi import hardware, lowrank, memory
+from es_mpi import model as hf
+from es_mpi.basefile import BaseWeights
+from es_mpi.config import Config
+from es_mpi.dist import Dist, select_devices
+from es_mpi.errors import EsError
+from es_mpi.es import FullNoise, LowRankNoise, Replica, checksum, host_copy
+from es_mpi.evaluators import member_groups
+from es_mpi.noise import derive_seed
+from es_mpi.stop import StopFlag
+from tasks import Task, get_task
+
+
+def prompt_ids_for(cfg: Config, generation: int, n_train: int) -> np.ndarray:
+    """The training examples of a generation: all, or a seeded sample of batch_size."""
+    if cfg.batch_size == 0:
+        return np.arange(n_train, dtype=np.int64)
+    rng = np.random.default_rng(derive_seed(cfg.seed, generation, "prompts"))
+    return np.sort(rng.choice(n_train, size=cfg.batch_size, replace=False)).astype(np.int64)
+
+
+@dataclass
+class Session:
+    """Everything one rank holds during a run."""
+
+    cfg: Config
+    dist: Dist
+    task: Task
+    train: list
+    model: torch.nn.Module
+    tokenizer: object
+    replica: Replica
+    devices: list[torch.device]
+    fingerprint: str
+    machine: dict = field(default_factory=dict)  # es_mpi.hardware.describe of this rank
+    matrices: dict | None = None   # lowrank: parameter name -> modules to hook
+    base: Mapping[str, torch.Tensor] | None = None  # theta_0 (rank 0: checkpoints; decay_to=init)
+    ignore_eos: bool = False   # benchmarks: every member generates max_new_tokens
+    stop: StopFlag = field(default_factory=StopFlag)
+
+    @property
+    def anchor(self):
+        return self.base if self.cfg.decay_to == "init" else None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the batch goes: the replica's first device."""
+        return self.devices[0]
+
+    def sync(self) -> None:
+        memory.sync(self.devices)
+
+    def generate(self, batch: dict, select=None) -> tuple[list[str], list[int]]:
+        """Greedy completions of the batch's rows, in micro-batches of generate_batch."""
+        return hf.generate_rows(self.model, self.tokenizer, batch, self.cfg.max_new_tokens,
+                                self.cfg.generate_batch, self.ignore_eos, select)
+
+
+def check_task(cfg: Config) -> tuple[Task, list]:
+    task = get_task(cfg.task, data=cfg.task_data or None, reward=cfg.reward or None)
+    task.prompt_format = cfg.prompt_format
+    train = task.train_examples()
+    if not train:
+        raise EsError(f"task {cfg.task} has no training examples")
+    if cfg.train_limit:
+        if cfg.train_limit > len(train):
+            raise EsError(f"train_limit {cfg.train_limit} exceeds the {len(train)} training "
+                          f"examples of task {cfg.task}; use at most {len(train)} (0 = all)")
+        train = train[:cfg.train_limit]
+    if cfg.eval_every and not task.eval_examples():
+        raise EsError(f"--eval-every {cfg.eval_every}: task {cfg.task} has no held-out examples")
+    if cfg.batch_size > len(train):
+        raise EsError(f"batch_size {cfg.batch_size} exceeds the {len(train)} training examples "
+                      f"of task {cfg.task}; use at most {len(train)} (0 = all)")
+    return task, train
+
+
+def examples_fingerprint(examples: list) -> str:
+    """Hex digest of the training examples, so a resumed run scores the same prompts."""
+    text = json.dumps(examples, sort_keys=True, default=str).encode()
+    return hashlib.blake2b(text, digest_size=8).hexdigest()
+
+
+def n_prompts(cfg: Config, train: list) -> int:
+    return cfg.batch_size or len(train)
+
+
+def open_session(cfg: Config, dist: Dist, task: Task, train: list,
+                 dtype: str | None = None) -> Session:
+    """Load the model on this rank's device(s) and build the fp32 master (heavy).
+
+    `task, train` come from check_task, run before as a cheap pre-check. `dtype`: the
+    replica dtype a run file recorded, which cfg.dtype "auto" would resolve otherwise
+    on this machine (a bf16 GPU run exported on a CPU node stays bf16).
+    """
+    devices = select_devices(dist, cfg.gpus_per_rank)
+    cfg_dtype = dtype if cfg.dtype == "auto" and dtype else cfg.dtype
+    model, tokenizer = hf.load_model(cfg.model, cfg_dtype, devices)
+    host = cfg.master == "host"
+    params = hf.trainable_parameters(model)
+    fingerprint = f"{checksum(params):016x}"
+    matrices = None
+    if cfg.mode == "lowrank":
+        matrices = lowrank.perturbed_matrices(model)
+        if not matrices:
+            raise EsError(f"model {cfg.model} has no Linear, Conv1D or Embedding weights for "
+                          "lowrank mode; use --mode full")
+        params = {n: params[n] for n in matrices}
+        replica = Replica(params, LowRankNoise(cfg.rank), share_master=True,
+                          master_on_host=host)
+    else:
+        replica = Replica(params, FullNoise(), master_on_host=host)
+    base = None
+    if cfg.decay_to == "init":  # the decay anchor, needed by every rank every generation
+        base = {n: host_copy(p.detach()) if host else p.detach().to(torch.float32, copy=True)
+                for n, p in params.items()}
+    elif dist.is_root:  # for checkpoint deltas: read from the model files when written
+        base = BaseWeights(cfg.model, params)
+    s = Session(cfg=cfg, dist=dist, task=task, train=train, model=model,
+                tokenizer=tokenizer, replica=replica, devices=devices,
+                fingerprint=fingerprint, matrices=matrices, base=base,
+                machine=hardware.describe(devices, next(model.parameters()).dtype))
+    return s
+
+
+def group_rows(cfg: Config, train: list) -> int:
+    """Rows of the largest generate a generation makes: a group's members x prompts."""
+    members = max(map(len, member_groups(cfg))) if cfg.mode == "lowrank" else 1
+    return members * n_prompts(cfg, train)
+
+
+def rows_that_fit(s: Session) -> int:
+    """This rank's answer for generate_batch 0 (auto): the rows of one generate call whose
+    KV cache and activations fit in 90% of the free GPU memory (es_mpi.plan), or 0 (no
+    limit) on the CPU."""
+    cfg = s.cfg
+    if s.device.type != "cuda":
+        return 0
+    from es_mpi import plan
+
+    rows = max(group_rows(cfg, s.train), cfg.eval_batch_size)
+    prompt_tokens = max(len(s.tokenizer(s.task.prompt(e, s.tokenizer))["input_ids"])
+                        for e in s.train)
+    s.sync()
+    free = min(torch.cuda.mem_get_info(d)[0] for d in s.devices)
+    fits = plan.rows_that_fit(s.model.config, next(s.model.parameters()).dtype,
+                              prompt_tokens, cfg.max_new_tokens, int(free * 0.9))
+    return min(rows, fits)
+
+
+def decide_generate_batch(s: Session) -> None:
+    """Collective, after every rank has its replica: settle generate_batch 0 (auto) to the
+    smallest limit any rank needs, so that every rank cuts its batches alike."""
+    if s.cfg.generate_batch:
+        return
+    limits = [int(v) for v in s.dist.allgather_ints([rows_that_fit(s)])[:, 0] if v > 0]
+    s.cfg = s.cfg.replace(generate_batch=min(limits) if limits else 0)
