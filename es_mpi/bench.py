@@ -31,115 +31,184 @@ MODES = ("inference", "lowrank", "full", "paper")
 PHASES = ("perturb", "generate", "score", "restore", "gather", "update", "checksum", "io")
 
 
+class Runner:
+    """One mode's ES generation (or pure inference), set up once and run again and again.
+
+    `shared`: (model, tokenizer) already loaded, so that every mode of one process
+    decodes with the same weights in the same memory (the interleaved repetitions).
+    """
+
+    def __init__(self, mode: str, opts: dict, shared: tuple | None = None):
+        import torch
+
+        from es_mpi import model as hf
+        from es_mpi.config import Config
+        from es_mpi.dist import Dist
+        from es_mpi.session import check_task, decide_batches, open_session, prompt_ids_for
+
+        self.mode, self.opts = mode, opts
+        self.tmp = Path(tempfile.mkdtemp(prefix="es-mpi-bench-"))
+        cfg = Config(model=opts["model"], task=opts["task"], task_data=opts["task_data"],
+                     population=opts["population"], batch_size=opts["prompts"],
+                     max_new_tokens=opts["max_new_tokens"], sigma=opts["sigma"],
+                     lr=opts["lr"], rank=opts["rank"],
+                     member_batch=opts.get("member_batch", 0),
+                     antithetic=opts["antithetic"] and mode in ("lowrank", "full"),
+                     mode="lowrank" if mode == "lowrank" else "full", dtype=opts["dtype"],
+                     generate_batch=opts.get("generate_batch", 0),
+                     master=opts.get("master", "device"), generations=1000,
+                     checkpoint_every=1000, run=str(self.tmp / "bench.h5"))
+        task, self.train = check_task(cfg)
+        self.s = None
+        if mode in ("lowrank", "full"):
+            self.s = open_session(cfg, Dist.serial(), task, self.train, loaded=shared)
+            decide_batches(self.s)
+            self.s.ignore_eos = True
+            model, tokenizer, device = self.s.model, self.s.tokenizer, self.s.device
+            cfg = self.s.cfg  # member_batch and generate_batch decided
+        elif shared is not None:
+            model, tokenizer = shared
+            device = next(model.parameters()).device
+        else:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            model, tokenizer = hf.load_model(cfg.model, cfg.dtype, [device])
+        self.cfg, self.model, self.tokenizer, self.device = cfg, model, tokenizer, device
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        examples = [self.train[j] for j in prompt_ids_for(cfg, 0, len(self.train))]
+        self.batch = hf.encode_prompts(tokenizer, [task.prompt(e, tokenizer) for e in examples],
+                                       device, task.templated(tokenizer))
+        self.writer = None
+        self.generation = 0
+
+    def warm_up(self) -> None:
+        """Two tokens at both batch shapes the modes use (the first calls allocate)."""
+        from es_mpi import model as hf
+
+        for rows in (1, self.cfg.population):
+            hf.generate(self.model, self.tokenizer,
+                        {k: v.repeat(rows, 1) for k, v in self.batch.items()}, 2)
+
+    def once(self) -> tuple[float, int, dict[str, float], dict | None]:
+        """One generation: (seconds, tokens generated, seconds per phase, run-file row)."""
+        from es_mpi import model as hf
+        from es_mpi import runfile
+        from es_mpi.loop import run_generation
+        from es_mpi.record import write_generation
+        from es_mpi.session import examples_fingerprint
+
+        cfg, row, phases = self.cfg, None, {}
+        self.sync()
+        t0 = time.perf_counter()
+        if self.mode == "inference":
+            big = {k: v.repeat(cfg.population, 1) for k, v in self.batch.items()}
+            _, tokens = hf.generate_rows(self.model, self.tokenizer, big, cfg.max_new_tokens,
+                                         cfg.generate_batch, ignore_eos=True)
+            self.sync()
+            n_tokens = sum(tokens)
+            phases["generate"] = time.perf_counter() - t0
+        elif self.mode == "paper":
+            n_tokens, phases = _paper_generation(self.model, self.tokenizer, self.batch, cfg,
+                                                 self.sync)
+        else:
+            if self.writer is None:
+                self.writer = runfile.RunWriter.create(
+                    cfg.run, cfg, cfg.model, self.s.fingerprint,
+                    examples_fingerprint(self.train), self.batch["input_ids"].shape[0])
+            t = self.generation
+            row, _ = run_generation(self.s, t)
+            write_generation(self.s, self.writer, t, row, t0)
+            self.generation += 1
+            self.sync()
+            n_tokens = int(row["tokens"].sum())
+            for phase in PHASES:
+                if f"time_{phase}" in row:
+                    phases[phase] = float(row[f"time_{phase}"])
+            phases["restore"] = max(0.0, row["time_eval"] - sum(
+                phases.get(p, 0.0) for p in ("perturb", "generate", "score")))
+        return time.perf_counter() - t0, n_tokens, phases, row
+
+
 def run_mode(mode: str, opts: dict) -> dict:
-    """Measure one mode in this process; returns a JSON-able dict."""
+    """Measure one mode in this process, alone (its memory is its own): a JSON-able dict."""
     import torch
 
-    from es_mpi import model as hf
-    from es_mpi import runfile
-    from es_mpi.config import Config
-    from es_mpi.dist import Dist, return_freed_memory
-    from es_mpi.loop import run_generation
+    from es_mpi.dist import return_freed_memory
     from es_mpi.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
-    from es_mpi.record import write_checkpoint, write_generation
-    from es_mpi.session import (
-        check_task,
-        decide_generate_batch,
-        examples_fingerprint,
-        open_session,
-        prompt_ids_for,
-    )
+    from es_mpi.record import write_checkpoint
 
     torch.set_num_threads(opts["threads"])
     return_freed_memory()  # as every es-mpi command does (set_threads)
     base_rss = rss_bytes()
-    tmp = Path(tempfile.mkdtemp(prefix="es-mpi-bench-"))
-    cfg = Config(model=opts["model"], task=opts["task"], task_data=opts["task_data"],
-                 population=opts["population"], batch_size=opts["prompts"],
-                 max_new_tokens=opts["max_new_tokens"], sigma=opts["sigma"], lr=opts["lr"],
-                 rank=opts["rank"], member_batch=opts["population"],
-                 antithetic=opts["antithetic"] and mode in ("lowrank", "full"),
-                 mode="lowrank" if mode == "lowrank" else "full", dtype=opts["dtype"],
-                 generate_batch=opts.get("generate_batch", 0),
-                 master=opts.get("master", "device"), generations=1000,
-                 checkpoint_every=1000, run=str(tmp / "bench.h5"))
-    task, train = check_task(cfg)
-    dist = Dist.serial()
     cuda = torch.cuda.is_available()
-    if mode in ("lowrank", "full"):
-        s = open_session(cfg, dist, task, train)
-        decide_generate_batch(s)
-        model, tokenizer, device = s.model, s.tokenizer, s.device
-        s.ignore_eos = True
-        cfg = s.cfg  # generate_batch resolved
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = hf.load_model(cfg.model, cfg.dtype, [device])
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    prompt_ids = prompt_ids_for(cfg, 0, len(train))
-    examples = [train[j] for j in prompt_ids]
-    batch = hf.encode_prompts(tokenizer, [task.prompt(e, tokenizer) for e in examples], device,
-                              task.templated(tokenizer))
-    for rows in (1, cfg.population):  # warm-up at both batch shapes the modes use
-        hf.generate(model, tokenizer, {k: v.repeat(rows, 1) for k, v in batch.items()}, 2)
-
+    run = Runner(mode, opts)
+    model_bytes = sum(p.numel() * p.element_size() for p in run.model.parameters())
+    run.warm_up()
     load_peak = peak_rss_bytes()
     reset_peak_rss()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     load_peak_cuda = 0
     if cuda:
-        sync()
-        load_peak_cuda = torch.cuda.max_memory_allocated(device)
+        run.sync()
+        load_peak_cuda = torch.cuda.max_memory_allocated(run.device)
         torch.cuda.empty_cache()  # the generation's reserved peak, not the load's
-        torch.cuda.reset_peak_memory_stats(device)
-    phases: dict[str, float] = {}
-    t0 = time.perf_counter()
-    if mode == "inference":
-        big = {k: v.repeat(cfg.population, 1) for k, v in batch.items()}
-        _, tokens = hf.generate_rows(model, tokenizer, big, cfg.max_new_tokens,
-                                     cfg.generate_batch, ignore_eos=True)
-        sync()
-        n_tokens = sum(tokens)
-        phases["generate"] = time.perf_counter() - t0
-    elif mode == "paper":
-        n_tokens, phases = _paper_generation(model, tokenizer, batch, cfg, sync)
-    else:
-        writer = runfile.RunWriter.create(cfg.run, cfg, cfg.model, s.fingerprint,
-                                          examples_fingerprint(train), len(prompt_ids))
-        row, _ = run_generation(s, 0)
-        write_generation(s, writer, 0, row, t0)
-        sync()
-        n_tokens = int(row["tokens"].sum())
-        for phase in PHASES:
-            if f"time_{phase}" in row:
-                phases[phase] = float(row[f"time_{phase}"])
-        phases["restore"] = row["time_eval"] - sum(phases.get(p, 0.0)
-                                                   for p in ("perturb", "generate", "score"))
-    seconds = time.perf_counter() - t0
+        torch.cuda.reset_peak_memory_stats(run.device)
+    seconds, n_tokens, phases, row = run.once()
+    cfg = run.cfg
     result = {"mode": mode, "seconds": seconds, "tokens": n_tokens,
               "tokens_per_s": n_tokens / seconds, "phases": phases,
               "model_bytes": model_bytes, "base_rss_bytes": base_rss,
               "load_peak_rss_bytes": load_peak, "peak_rss_bytes": peak_rss_bytes(),
               "generate_batch": cfg.generate_batch,
-              "prompt_tokens": int(batch["input_ids"].shape[1]),
-              "device": str(device),
-              "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+              "member_batch": cfg.member_batch if mode == "lowrank" else None,
+              "prompt_tokens": int(run.batch["input_ids"].shape[1]),
+              "device": str(run.device),
+              "dtype": str(next(run.model.parameters()).dtype).removeprefix("torch."),
               "threads": torch.get_num_threads()}
     if cuda:
-        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
-        result["peak_cuda_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(run.device)
+        result["peak_cuda_reserved_bytes"] = torch.cuda.max_memory_reserved(run.device)
         result["load_peak_cuda_bytes"] = load_peak_cuda
-    if mode in ("lowrank", "full"):
+    if row is not None:
         result["peak_mem_eval"] = int(row["peak_mem_eval"])
         result["peak_mem_update"] = int(row["peak_mem_update"])
         reset_peak_rss()
         t = time.perf_counter()
-        write_checkpoint(s, writer, 1, 0)
+        write_checkpoint(run.s, run.writer, 1, 0)
         result["checkpoint_seconds"] = time.perf_counter() - t
         result["checkpoint_peak_rss_bytes"] = peak_rss_bytes()
         result["comm_bytes_per_rank_formula"] = comm_bytes(cfg.population, 1)
-        writer.close()
+        run.writer.close()
     return result
+
+
+def run_repeats(modes: tuple[str, ...], opts: dict, repeat: int) -> dict:
+    """Every mode in this one process on one loaded model, `repeat` rounds, interleaved
+    (round r runs each mode once, in order): seconds per round and mode, and each
+    round's ratio to the same round's pure inference, so a slow spell of the machine
+    hits the modes of a round alike."""
+    import torch
+
+    from es_mpi.dist import return_freed_memory
+
+    torch.set_num_threads(opts["threads"])
+    return_freed_memory()
+    runs: dict[str, Runner] = {}
+    shared = None
+    for mode in sorted(modes, key=lambda m: m not in ("lowrank", "full")):  # a session loads
+        runs[mode] = Runner(mode, opts, shared)
+        shared = shared or (runs[mode].model, runs[mode].tokenizer)
+    for run in runs.values():
+        run.warm_up()
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    phases: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(repeat):
+        for mode in modes:
+            took, _, split, _ = runs[mode].once()
+            seconds[mode].append(took)
+            phases[mode].append(split)
+    for run in runs.values():
+        if run.writer is not None:
+            run.writer.close()
+    return {"seconds": seconds, "phases": phases}
 
 
 def comm_bytes(population: int, world: int) -> dict[str, int]:
@@ -208,8 +277,8 @@ def _paper_generation(model, tokenizer, batch, cfg, sync) -> tuple[int, dict[str
     return n_tokens, phases
 
 
-def _worker(mode: str, opts: dict) -> dict:
-    cmd = [sys.executable, "-m", "es_mpi.bench", mode, json.dumps(opts)]
+def _worker(mode: str, opts: dict, *extra: str) -> dict:
+    cmd = [sys.executable, "-m", "es_mpi.bench", mode, json.dumps(opts), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(opts["threads"])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -221,12 +290,18 @@ def _worker(mode: str, opts: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def bench(opts: dict, modes: tuple[str, ...], echo=print) -> dict:
-    """Run each mode in its own process; add ratios to pure inference; return the report."""
+def bench(opts: dict, modes: tuple[str, ...], echo=print, repeat: int = 3) -> dict:
+    """Each mode alone in its own process (memory, phases), then `repeat` interleaved
+    rounds of every mode in one process (times and ratios: medians over the rounds, with
+    min and max); returns the report."""
     results = {}
     for mode in modes:
         echo(f"bench: {mode} ...")
         results[mode] = _worker(mode, opts)
+    if repeat:
+        echo(f"bench: {repeat} interleaved rounds of {', '.join(modes)} in one process ...")
+        rounds = _worker(",".join(modes), opts, str(repeat))
+        _add_rounds(results, rounds)
     ref = results.get("inference")
     for r in results.values():
         # peak during the generation (after loading), whole and above the imports' RSS
@@ -234,10 +309,10 @@ def bench(opts: dict, modes: tuple[str, ...], echo=print) -> dict:
         r["added_rss_over_model"] = (r["peak_rss_bytes"] - r["base_rss_bytes"]) / r["model_bytes"]
         r["load_added_rss_over_model"] = ((r["load_peak_rss_bytes"] - r["base_rss_bytes"])
                                           / r["model_bytes"])
-        if ref:
+        if ref and "rounds" not in r:
             r["ratio_to_inference"] = r["seconds"] / ref["seconds"]
         generating = r["phases"].get("generate", 0.0) + r["phases"].get("score", 0.0)
-        r["overhead_fraction"] = 1.0 - generating / r["seconds"]
+        r.setdefault("overhead_fraction", 1.0 - generating / r["seconds"])
         # the memory that bounds a rank: the GPU's where there is one, else the RSS
         r["peak_bytes"] = r.get("peak_cuda_bytes", r["peak_rss_bytes"])
         r["peak_over_model"] = r["peak_bytes"] / r["model_bytes"]
@@ -247,10 +322,38 @@ def bench(opts: dict, modes: tuple[str, ...], echo=print) -> dict:
                                  + r["model_bytes"]) / r["model_bytes"]
     if "paper" in results:
         for r in results.values():
-            r["speedup_over_paper"] = results["paper"]["seconds"] / r["seconds"]
-    return {"settings": opts, "machine": machine(), "modes": results,
+            if "rounds" not in r:
+                r["speedup_over_paper"] = results["paper"]["seconds"] / r["seconds"]
+    return {"settings": {**opts, "repeat": repeat}, "machine": machine(), "modes": results,
             "comm_bytes_per_rank": {str(k): comm_bytes(opts["population"], k)
                                     for k in (1, 2, 8, 64)}}
+
+
+def _add_rounds(results: dict, rounds: dict) -> None:
+    """Times from the interleaved rounds: per mode the median seconds, the min and max,
+    and the median over rounds of each round's ratio to inference and to the paper loop
+    (a round's modes ran back to back, so their ratio is the fairest figure)."""
+    import statistics
+
+    seconds = rounds["seconds"]
+    for mode, r in results.items():
+        times = seconds[mode]
+        r["alone_seconds"] = r["seconds"]
+        r["rounds"] = times
+        r["seconds"] = statistics.median(times)
+        r["seconds_min"], r["seconds_max"] = min(times), max(times)
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        overhead = [1.0 - (p.get("generate", 0.0) + p.get("score", 0.0)) / t
+                    for p, t in zip(rounds["phases"][mode], times, strict=True)]
+        r["overhead_fraction"] = statistics.median(overhead)
+        r["phases"] = {k: statistics.median(p.get(k, 0.0) for p in rounds["phases"][mode])
+                       for k in r["phases"]}
+        for key, ref in (("ratio_to_inference", "inference"), ("speedup_over_paper", "paper")):
+            if ref in seconds:
+                pairs = [(t / u if key == "ratio_to_inference" else u / t)
+                         for t, u in zip(times, seconds[ref], strict=True)]
+                r[key] = statistics.median(pairs)
+                r[key + "_min"], r[key + "_max"] = min(pairs), max(pairs)
 
 
 def machine() -> dict:
@@ -277,13 +380,24 @@ def table(report: dict) -> str:
     head = ("| mode | s / generation | tokens/s | x inference | x faster than paper | "
             f"overhead | peak {where} | {where} / model | models held |")
     lines = [head, "|" + "---|" * 9]
+
+    def spread(r: dict, key: str, fmt: str) -> str:
+        value = format(r.get(key, float("nan")), fmt)
+        if key + "_min" in r:
+            value += f" ({format(r[key + '_min'], fmt)}-{format(r[key + '_max'], fmt)})"
+        return value
+
     for mode, r in report["modes"].items():
         lines.append(
-            f"| {mode} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | "
-            f"{r.get('ratio_to_inference', float('nan')):.2f} | "
-            f"{r.get('speedup_over_paper', float('nan')):.2f} | "
+            f"| {mode} | {spread(r, 'seconds', '.1f')} | {r['tokens_per_s']:.0f} | "
+            f"{spread(r, 'ratio_to_inference', '.2f')} | "
+            f"{spread(r, 'speedup_over_paper', '.2f')} | "
             f"{100 * r['overhead_fraction']:.1f}% | {r['peak_bytes'] / 2**20:.0f} MiB | "
             f"{r['peak_over_model']:.2f} | {r.get('model_copies', float('nan')):.2f} |")
+    repeat = report["settings"].get("repeat", 0)
+    if repeat:
+        lines.append(f"\nTimes, ratios and phases: median (min-max) of {repeat} interleaved "
+                     "rounds in one process; memory: each mode alone in its own process.")
     lines.append("")
     lines.append("| mode | " + " | ".join(PHASES) + " |")
     lines.append("|" + "---|" * (len(PHASES) + 1))
@@ -294,4 +408,8 @@ def table(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_mode(sys.argv[1], json.loads(sys.argv[2]))))
+    if len(sys.argv) > 3:  # modes,... opts repeat: the interleaved rounds
+        print(json.dumps(run_repeats(tuple(sys.argv[1].split(",")), json.loads(sys.argv[2]),
+                                     int(sys.argv[3]))))
+    else:
+        print(json.dumps(run_mode(sys.argv[1], json.loads(sys.argv[2]))))

@@ -335,17 +335,25 @@ def report(run_files: tuple[str, ...], out_dir: str | None) -> None:
               help="Rows per generate call (micro-batches); 0 = auto, as in train.")
 @click.option("--master", type=click.Choice(["device", "host"]), default="device",
               show_default=True, help="Where the fp32 master lives (lowrank and full modes).")
+@click.option("--member-batch", type=int, default=0, show_default=True,
+              help="lowrank: members per batched generate; 0 = auto, as in train.")
+@click.option("--repeat", type=int, default=3, show_default=True,
+              help="Interleaved rounds of every mode in one process, for the times and "
+                   "ratios (medians, with min-max); 0 = each mode's single run alone.")
 @click.option("--modes", default=",".join(("inference", "lowrank", "full", "paper")),
               show_default=True, help="Comma-separated modes to measure.")
 @click.option("--json", "json_out", metavar="FILE", default=None,
               help="Write the full report (seconds, phases, memory, ratios) as JSON.")
 def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr, rank,
-          antithetic, dtype, threads, generate_batch, master, modes, json_out) -> None:
+          antithetic, dtype, threads, generate_batch, master, member_batch, repeat, modes,
+          json_out) -> None:
     """Time one ES generation per mode against pure batched inference of the same sequences.
 
-    Each mode runs in a fresh single process (one rank): inference (the N x P sequences in
-    one generate), lowrank, full, and paper (the paper scripts' loop, the baseline). Prints
-    a table of seconds, tokens/s, ratios, phase split and peak memory per rank.
+    Each mode runs alone in a fresh single process (one rank), for its memory: inference
+    (the N x P sequences in one generate), lowrank, full, and paper (the paper scripts'
+    loop, the baseline). Then --repeat interleaved rounds of every mode in one process
+    give the times and ratios (median, min-max). Prints a table of seconds, tokens/s,
+    ratios, phase split and peak memory per rank.
     """
     import json
     import os
@@ -365,16 +373,19 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
                             ("max-new-tokens", max_new_tokens), ("rank", rank)):
             if value < 1:
                 raise EsError(f"--{name} {value}: must be >= 1")
-        if generate_batch < 0:
-            raise EsError(f"--generate-batch {generate_batch}: must be >= 0 (0 = auto)")
+        for name, value in (("generate-batch", generate_batch), ("member-batch", member_batch),
+                            ("repeat", repeat)):
+            if value < 0:
+                raise EsError(f"--{name} {value}: must be >= 0")
         opts = {"model": os.path.abspath(model), "task": task,
                 "task_data": os.path.abspath(task_data) if task_data else "",
                 "population": population, "prompts": prompts,
                 "max_new_tokens": max_new_tokens, "sigma": sigma, "lr": lr, "rank": rank,
                 "antithetic": antithetic, "dtype": dtype,
                 "generate_batch": generate_batch, "master": master,
+                "member_batch": member_batch,
                 "threads": threads or len(os.sched_getaffinity(0))}
-        report = run_bench(opts, chosen, echo=lambda m: click.echo(m, err=True))
+        report = run_bench(opts, chosen, echo=lambda m: click.echo(m, err=True), repeat=repeat)
     except EsError as exc:
         click.echo(f"es-mpi: error: {exc}", err=True)
         sys.exit(2)
@@ -401,8 +412,9 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
 @click.option("--decay-to", type=click.Choice(["zero", "init"]), default="zero",
               show_default=True, help="init keeps an fp32 anchor copy of the trained weights.")
 @click.option("--population", type=int, default=8, show_default=True, help="Members N.")
-@click.option("--member-batch", type=int, default=4, show_default=True,
-              help="lowrank: members in one batched generate.")
+@click.option("--member-batch", type=int, default=0, show_default=True,
+              help="lowrank: members in one batched generate (0 = auto, as train decides: "
+                   "as many as one generate call holds).")
 @click.option("--rank", type=int, default=1, show_default=True, help="lowrank rank r.")
 @click.option("--antithetic", is_flag=True, help="Antithetic pairs (N/2 distinct seeds).")
 @click.option("--prompts", type=int, default=16, show_default=True,

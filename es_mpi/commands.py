@@ -14,11 +14,12 @@ from es_mpi.config import Config
 from es_mpi.dist import Dist, set_threads
 from es_mpi.errors import EsError
 from es_mpi.evaluate import eval_examples, evaluate
+from es_mpi.evaluators import member_groups
 from es_mpi.loop import train_loop
 from es_mpi.replay import rebuild
 from es_mpi.session import (
     check_task,
-    decide_generate_batch,
+    decide_batches,
     examples_fingerprint,
     n_prompts,
     open_session,
@@ -35,7 +36,7 @@ def _existing_run(cfg: Config) -> runfile.RunInfo | None:
         return None
     runfile.check_unlocked(path)  # first: a file that a run is writing may not read cleanly
     info = runfile.read_info(path)
-    diffs = cfg.trajectory_differences(info.config)
+    diffs = _auto_as_recorded(cfg, info).trajectory_differences(info.config)
     if diffs:
         detail = "; ".join(f"{d}: {getattr(info.config, d)!r} in the file, "
                            f"{getattr(cfg, d)!r} now" for d in diffs)
@@ -44,6 +45,13 @@ def _existing_run(cfg: Config) -> runfile.RunInfo | None:
     if not os.access(path, os.W_OK):
         raise EsError(f"run file {path} is not writable")
     return info
+
+
+def _auto_as_recorded(cfg: Config, info: runfile.RunInfo) -> Config:
+    """member_batch 0 (auto) means the value the run file recorded when it started."""
+    if cfg.member_batch == 0:
+        return cfg.replace(member_batch=info.config.member_batch)
+    return cfg
 
 
 def _prechecks(cfg: Config) -> tuple[Task, list]:
@@ -78,11 +86,11 @@ def train(cfg: Config, dist: Dist) -> None:
                       task_data=str(Path(cfg.task_data).resolve()) if cfg.task_data else "")
     info = dist.bcast(dist.root_first(lambda: _existing_run(cfg)))
     if info is not None:
-        _continue(cfg, info, task, train_examples, dist)
+        _continue(_auto_as_recorded(cfg, info), info, task, train_examples, dist)
         return
     set_threads(dist)
     s = _open(cfg, dist, task, train_examples, None)
-    cfg = s.cfg  # generate_batch decided
+    cfg = s.cfg  # member_batch and generate_batch decided
 
     def create():
         writer = runfile.RunWriter.create(
@@ -92,9 +100,10 @@ def train(cfg: Config, dist: Dist) -> None:
         return writer
 
     writer = dist.root_first(create)
-    progress.current(dist.is_root).info(
-        f"es-mpi: {cfg.population} members x {n_prompts(cfg, train_examples)} prompts, "
-        f"{dist.size} rank(s), task {cfg.task}, mode {_mode(cfg)}; run file {cfg.run}")
+    show = progress.current(dist.is_root)
+    show.info(f"es-mpi: {cfg.population} members x {n_prompts(cfg, train_examples)} prompts, "
+              f"{dist.size} rank(s), task {cfg.task}, mode {_mode(cfg)}; run file {cfg.run}")
+    _note_idle_ranks(cfg, dist, show)
     _run_loop(cfg, dist, s, writer, 0, fresh=True)
 
 
@@ -142,6 +151,7 @@ def _continue(cfg: Config, info: runfile.RunInfo, task: Task, train_examples: li
         show.info(f"es-mpi: note: generations so far ran on {hardware.label(info.machine)}, "
                   f"the next ones run on {hardware.label(s.machine)}; they continue exactly "
                   "from the weights, but would round differently there")
+    _note_idle_ranks(cfg, dist, show)
     _run_loop(cfg, dist, s, writer, done, fresh=False)
 
 
@@ -153,7 +163,7 @@ def _open(cfg: Config, dist: Dist, task: Task, train_examples: list,
     s = dist.collective(lambda: open_session(cfg, dist, task, train_examples, recorded))
     machines = dist.allgather(s.machine)
     hardware.check_uniform(machines)  # the same list on every rank: all raise together
-    decide_generate_batch(s)
+    decide_batches(s)
     return s
 
 
@@ -171,6 +181,16 @@ def _run_loop(cfg: Config, dist: Dist, s, writer: runfile.RunWriter | None, star
         if writer is not None:
             writer.close()
     _print_done(cfg, dist)
+
+
+def _note_idle_ranks(cfg: Config, dist: Dist, show) -> None:
+    """Groups are dealt round-robin: fewer groups than ranks leaves ranks without work."""
+    groups = len(member_groups(cfg))
+    if groups < dist.size:
+        spread = -(-cfg.population // dist.size)
+        show.warn(f"es-mpi: note: {groups} group(s) of members for {dist.size} ranks: "
+                  f"{dist.size - groups} rank(s) idle each generation; --member-batch "
+                  f"{spread} gives every rank a group (smaller batches)")
 
 
 def _mode(cfg: Config) -> str:

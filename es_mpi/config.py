@@ -53,8 +53,11 @@ class Config:
         "with any other weight of 2+ dimensions is refused.", choices=("full", "lowrank"))
     rank: int = _field(1, "Rank r of each member's perturbation of a matrix (lowrank mode).")
     member_batch: int = _field(
-        4, "Members evaluated together in one batched generate (lowrank mode); these fixed "
-        "groups are dealt to ranks, so results do not depend on the number of ranks.")
+        0, "Members evaluated together in one batched generate (lowrank mode); these fixed "
+        "groups are dealt to ranks, so results do not depend on the number of ranks. 0 = "
+        "auto: as many as one generate call holds in memory (all N where they fit), "
+        "decided when the run starts and recorded. With several ranks, N / ranks spreads "
+        "the groups over every rank.")
     antithetic: bool = _field(False, "Evaluate mirrored pairs (eps, -eps); needs an even N.")
     shaping: str = _field(
         "zscore", "Reward shaping over the population.", choices=("zscore", "rank")
@@ -146,7 +149,7 @@ class Config:
             raise bad("generations", "must be >= 1")
         if not 0 <= self.seed <= MAX_SEED:
             raise bad("seed", f"must be in [0, {MAX_SEED}]")
-        for name in ("rank", "member_batch", "max_new_tokens", "checkpoint_every",
+        for name in ("rank", "max_new_tokens", "checkpoint_every",
                      "keep_checkpoints", "checksum_every", "gpus_per_rank"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
@@ -156,6 +159,8 @@ class Config:
             raise bad("eval_every" if self.eval_every < 0 else "eval_limit", "must be >= 0")
         if self.eval_batch_size < 1:
             raise bad("eval_batch_size", "must be >= 1")
+        if self.member_batch < 0:
+            raise bad("member_batch", "must be >= 0 (0 = auto, as many as memory allows)")
         if self.generate_batch < 0:
             raise bad("generate_batch", "must be >= 0 (0 = auto, from free device memory)")
         if self.batch_size < 0:

@@ -30,6 +30,7 @@ allocates (not included) and the CUDA context is an assumed reserve, not a measu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -303,7 +304,7 @@ class Settings:
     master: str = "device"
     decay_to: str = "zero"
     population: int = 8
-    member_batch: int = 4
+    member_batch: int = 0        # 0 = auto: as many members as one generate call holds
     rank: int = 1
     antithetic: bool = False
     prompts: int = 16
@@ -321,8 +322,9 @@ class Settings:
             if getattr(self, name) not in allowed:
                 raise EsError(f"--{name.replace('_', '-')} {getattr(self, name)}: choose one "
                               f"of {', '.join(allowed)}")
-        for name in ("population", "member_batch", "rank", "prompts", "prompt_tokens",
-                     "max_new_tokens"):
+        if self.member_batch < 0:
+            raise EsError(f"--member-batch {self.member_batch}: must be >= 0 (0 = auto)")
+        for name in ("population", "rank", "prompts", "prompt_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise EsError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.population < 2:
@@ -344,8 +346,14 @@ class Settings:
     @property
     def rows(self) -> int:
         """Rows of the largest generate a generation asks for (a group's members x prompts)."""
-        members = min(self.member_batch, self.population) if self.mode == "lowrank" else 1
-        return members * self.prompts
+        return self.members * self.prompts
+
+    @property
+    def members(self) -> int:
+        """Members per generate (lowrank: the group; auto, before it is decided: all N)."""
+        if self.mode != "lowrank":
+            return 1
+        return min(self.member_batch or self.population, self.population)
 
 
 TERMS = ("weights", "master", "anchor", "staging", "noise_work", "lowrank_factors",
@@ -415,7 +423,7 @@ def _terms(shape: Shape, s: Settings, micro: int) -> tuple[dict[str, int], dict[
 
     # evaluation phase: one group's generate
     if lowrank:
-        cols = min(s.member_batch, s.population) * s.rank
+        cols = s.members * s.rank
         dev["lowrank_factors"] = (sum(a + b for a, b in shape.matrices) * cols * eb
                                   + s.rows * cols * eb)          # and the row scales
         # drawn in fp32 on the CPU, then concatenated, a matrix at a time
@@ -456,6 +464,20 @@ def _total(terms: dict[str, int]) -> int:
     return resident + max(evaluation, terms["update"])
 
 
+def _with_members(shape: Shape, s: Settings, notes: list[str]) -> Settings:
+    """member_batch 0 (auto), as the engine decides it: the members one generate call
+    holds (its --generate-batch rows, or the rows that fit), at most N."""
+    if s.mode != "lowrank" or s.member_batch:
+        return s
+    rows = s.generate_batch
+    if not rows and s.device == "cuda":
+        rows = plan(shape, dataclasses.replace(s, member_batch=s.population)).generate_batch
+    members = max(1, min(s.population, rows // s.prompts)) if rows else s.population
+    notes.append(f"--member-batch 0 (auto) gives groups of {members} of the {s.population} "
+                 "members")
+    return dataclasses.replace(s, member_batch=members)
+
+
 def plan(shape: Shape, settings: Settings) -> Plan:
     """The memory of one rank for `settings`; see the module docstring for the terms."""
     s = settings
@@ -465,6 +487,7 @@ def plan(shape: Shape, settings: Settings) -> Plan:
         raise EsError(f"model {shape.name} has no Linear, Conv1D or Embedding weights for "
                       "lowrank mode; use --mode full")
     notes = []
+    s = _with_members(shape, s, notes)
     micro = min(s.generate_batch, s.rows) if s.generate_batch else s.rows
     if not s.generate_batch and s.device == "cuda":
         # as the engine decides it: 90% of the memory free once the replica is loaded
@@ -561,7 +584,7 @@ def report(shape: Shape, p: Plan) -> str:
     seq = s.prompt_tokens + s.max_new_tokens
     where = "GPU" if s.device == "cuda" else "CPU"
     auto = " (dtype auto: a GPU rank)" if s.dtype == "auto" and s.device == "cuda" else ""
-    group = (f" in groups of {min(s.member_batch, s.population)}, rank {s.rank}"
+    group = (f" in groups of {s.members}, rank {s.rank}"
              if s.mode == "lowrank" else "")
     lines = [
         f"es-mpi plan: {shape.name}, {p.params / 1e9:.2f} B parameters "

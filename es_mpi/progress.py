@@ -110,6 +110,13 @@ class Progress:
         if self.enabled and self.verbosity != QUIET:
             self._write(text + "\n")
 
+    def warn(self, text: str) -> None:
+        """A line shown even under --quiet, on stderr: a setting that wastes the job."""
+        if self.enabled:
+            with self._lock:
+                sys.stderr.write(text + "\n")
+                sys.stderr.flush()
+
     # -- per generation ----------------------------------------------------------------
 
     def eta(self, generation: int, total: int) -> str:

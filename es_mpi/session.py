@@ -1,8 +1,8 @@
 """A rank's session: the task, its prompts, and the replica loaded on this rank's devices.
 
 `check_task` is the cheap check made before any model loads; `open_session` loads the
-model and builds the fp32 master (heavy); `decide_generate_batch` and
-`decide_member_batch` settle the automatic batch sizes once every rank has its replica.
+model and builds the fp32 master (heavy); `decide_batches` settles the automatic batch
+sizes (member_batch, generate_batch) once every rank has its replica.
 The generation loop itself is es_mpi.loop; rebuilding weights from a run file is
 es_mpi.replay.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -105,16 +106,17 @@ def n_prompts(cfg: Config, train: list) -> int:
 
 
 def open_session(cfg: Config, dist: Dist, task: Task, train: list,
-                 dtype: str | None = None) -> Session:
+                 dtype: str | None = None, loaded: tuple | None = None) -> Session:
     """Load the model on this rank's device(s) and build the fp32 master (heavy).
 
     `task, train` come from check_task, run before as a cheap pre-check. `dtype`: the
     replica dtype a run file recorded, which cfg.dtype "auto" would resolve otherwise
-    on this machine (a bf16 GPU run exported on a CPU node stays bf16).
+    on this machine (a bf16 GPU run exported on a CPU node stays bf16). `loaded`: a
+    (model, tokenizer) of cfg.model already loaded (the benchmark's modes share one).
     """
     devices = select_devices(dist, cfg.gpus_per_rank)
     cfg_dtype = dtype if cfg.dtype == "auto" and dtype else cfg.dtype
-    model, tokenizer = hf.load_model(cfg.model, cfg_dtype, devices)
+    model, tokenizer = loaded or hf.load_model(cfg.model, cfg_dtype, devices)
     host = cfg.master == "host"
     params = hf.trainable_parameters(model)
     fingerprint = f"{checksum(params):016x}"
@@ -148,29 +150,55 @@ def group_rows(cfg: Config, train: list) -> int:
     return members * n_prompts(cfg, train)
 
 
+def host_memory_available() -> int:
+    """Bytes of host memory available to new allocations now (Linux MemAvailable), or the
+    machine's total where /proc/meminfo cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def rows_that_fit(s: Session) -> int:
-    """This rank's answer for generate_batch 0 (auto): the rows of one generate call whose
-    KV cache and activations fit in 90% of the free GPU memory (es_mpi.plan), or 0 (no
-    limit) on the CPU."""
-    cfg = s.cfg
-    if s.device.type != "cuda":
-        return 0
+    """The rows of one generate call whose KV cache and activations fit in this rank's
+    memory (es_mpi.plan): 90% of its GPU's free memory, or on the CPU 80% of the host
+    memory available, shared by the ranks of this node."""
     from es_mpi import plan
 
-    rows = max(group_rows(cfg, s.train), cfg.eval_batch_size)
     prompt_tokens = max(len(s.tokenizer(s.task.prompt(e, s.tokenizer))["input_ids"])
                         for e in s.train)
     s.sync()
-    free = min(torch.cuda.mem_get_info(d)[0] for d in s.devices)
-    fits = plan.rows_that_fit(s.model.config, next(s.model.parameters()).dtype,
-                              prompt_tokens, cfg.max_new_tokens, int(free * 0.9))
-    return min(rows, fits)
+    if s.device.type == "cuda":
+        budget = 0.9 * min(torch.cuda.mem_get_info(d)[0] for d in s.devices)
+    else:
+        budget = 0.8 * host_memory_available() / s.dist.local_size
+    return plan.rows_that_fit(s.model.config, next(s.model.parameters()).dtype, prompt_tokens,
+                              s.cfg.max_new_tokens, int(budget), s.device.type)
 
 
-def decide_generate_batch(s: Session) -> None:
-    """Collective, after every rank has its replica: settle generate_batch 0 (auto) to the
-    smallest limit any rank needs, so that every rank cuts its batches alike."""
-    if s.cfg.generate_batch:
+def decide_batches(s: Session) -> None:
+    """Collective, after every rank has its replica: settle the automatic batch sizes from
+    the smallest memory any rank has, so that every rank cuts its batches alike.
+
+    member_batch 0 (lowrank): as many members as one generate call holds, all N where
+    they fit, so that a rank evaluates its members in as few calls as memory allows.
+    generate_batch 0: the rows of the largest call a generation makes, at most what fits.
+    Both are recorded in the run file, and a resume keeps them.
+    """
+    cfg = s.cfg
+    auto_members = cfg.mode == "lowrank" and cfg.member_batch == 0
+    if not (auto_members or cfg.generate_batch == 0):
         return
-    limits = [int(v) for v in s.dist.allgather_ints([rows_that_fit(s)])[:, 0] if v > 0]
-    s.cfg = s.cfg.replace(generate_batch=min(limits) if limits else 0)
+    fits = int(s.dist.allgather_ints([rows_that_fit(s)])[:, 0].min())
+    if auto_members:
+        rows = cfg.generate_batch or fits
+        cfg = cfg.replace(member_batch=max(1, min(cfg.population,
+                                                  rows // n_prompts(cfg, s.train))))
+    if cfg.generate_batch == 0:
+        largest = max(group_rows(cfg, s.train), cfg.eval_batch_size)
+        cfg = cfg.replace(generate_batch=min(largest, fits))
+    s.cfg = cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 from conftest import run_cli
 
@@ -11,7 +12,7 @@ def test_bench_runs_every_mode_and_writes_json(tiny_model, tmp_path):
     out = tmp_path / "bench.json"
     result = run_cli(["bench", "--model", tiny_model, "--population", "4", "--prompts", "2",
                       "--max-new-tokens", "3", "--threads", "1", "--antithetic",
-                      "--json", out])
+                      "--repeat", "2", "--json", out])
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     modes = report["modes"]
@@ -21,6 +22,14 @@ def test_bench_runs_every_mode_and_writes_json(tiny_model, tmp_path):
         assert r["tokens"] == 4 * 2 * 3, mode
         assert r["seconds"] > 0 and r["peak_rss_bytes"] > r["model_bytes"] > 0
         assert r["threads"] == 1
+    # times and ratios come from 2 interleaved rounds: medians of the rounds' own figures
+    for mode, r in modes.items():
+        assert len(r["rounds"]) == 2 and r["seconds"] == statistics.median(r["rounds"]), mode
+        assert r["seconds_min"] <= r["seconds"] <= r["seconds_max"]
+        ratios = [a / b for a, b in zip(r["rounds"], modes["inference"]["rounds"])]
+        assert r["ratio_to_inference"] == statistics.median(ratios), mode
+    # member batch 0 (auto) on the CPU: the 4 members x 2 prompts fit in one generate call
+    assert modes["lowrank"]["member_batch"] == 4
     assert modes["inference"]["ratio_to_inference"] == 1.0
     assert modes["paper"]["speedup_over_paper"] == 1.0
     for mode in ("lowrank", "full"):

@@ -157,3 +157,30 @@ def test_a_job_on_mixed_machines_is_refused():
         check_uniform([h100, h100, a100])
     with pytest.raises(EsError, match="rank 1 computes on"):
         check_uniform([h100, {**h100, "torch": "2.10.0"}])
+
+
+def test_member_batch_auto_takes_every_member_records_it_and_continues(tiny_model, tmp_path):
+    """--member-batch 0 (the default): on the CPU all N members fit one generate call, so
+    one group of 4. The run file records 4; running the same command again continues it
+    (auto means the recorded value); on 2 ranks the idle rank is named; the weights equal
+    those of an explicit --member-batch 4 run on 1 rank."""
+    auto = tmp_path / "auto.h5"
+    args = ["train", "--model", tiny_model, "--run", auto, "--mode", "lowrank", *BASE]
+    first = run_cli([*args, "--generations", "2"], np=2)
+    assert first.returncode == 0, first.stderr
+    assert "1 group(s) of members for 2 ranks: 1 rank(s) idle" in first.stdout + first.stderr
+    assert "--member-batch 2 gives every rank a group" in first.stdout + first.stderr
+    with h5py.File(auto, "r") as f:
+        assert json.loads(f.attrs["config"])["member_batch"] == 4
+    again = run_cli([*args, "--generations", "3"], np=1)
+    assert again.returncode == 0, again.stderr
+    explicit = tmp_path / "explicit.h5"
+    cli_in_process(["train", "--model", tiny_model, "--run", explicit, "--mode", "lowrank",
+                    "--member-batch", "4", "--generations", "3", *BASE])
+    with h5py.File(auto, "r") as fa, h5py.File(explicit, "r") as fe:
+        assert int(fa.attrs["complete_generations"]) == 3
+        assert len(np.unique(fe["generations/rewards"][:3])) > 1, "rewards do not vary"
+        np.testing.assert_array_equal(fa["generations/rewards"][:3],
+                                      fe["generations/rewards"][:3])
+        np.testing.assert_array_equal(fa["generations/checksum"][:3],
+                                      fe["generations/checksum"][:3])

@@ -29,7 +29,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 MAX_COUNT = getattr(config_module, "MAX_COUNT", 2**31 - 1)
 # the smallest valid value of each integer field (beyond it: invalid)
 INT_MIN = {"population": 2, "seed": 0, "batch_size": 0, "eval_every": 0, "eval_limit": 0,
-           "train_limit": 0, "generate_batch": 0}
+           "train_limit": 0, "generate_batch": 0, "member_batch": 0}
 # (lowest valid, highest valid) of float fields with a range, given the defaults
 FLOAT_RANGE = {"sigma": (0.0, 1.0), "lr": (0.0, 10.0), "weight_decay": (0.0, 1 / 5e-4),
                "reward_timeout": (0.0, 1e6)}
