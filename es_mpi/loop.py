@@ -62,10 +62,10 @@ def run_generation(s: Session, t: int) -> tuple[dict, int]:
            "reward_mean": rewards_n.mean(), "reward_std": rewards_n.std(),
            "reward_min": rewards_n.min(), "reward_max": rewards_n.max(), "checksum": check,
            "world_size": dist.size, "comm_bytes": dist.bytes_moved - moved,
-           "peak_mem_eval": peaks[0], "peak_mem_update": peaks[1],
-           "time_io": 0.0, "time_total": 0.0, "timestamp": 0.0}
+           "peak_mem_eval": peaks[0], "peak_mem_update": peaks[1]}
     for phase in ("eval", "perturb", "generate", "score", "gather", "update", "checksum"):
         row[f"time_{phase}"] = timer[phase]
+    row.update(time_io=0.0, time_total=0.0, timestamp=0.0)  # rank 0 writing (es_mpi.record)
     return row, stop
 
 

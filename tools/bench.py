@@ -2,7 +2,8 @@
 
     python tools/bench.py [--model demo/model] [--json docs/bench/cpu.json] [extra flags]
 
-Population 8 x 4 prompts x 64 new tokens (the settings of issue #6); every other flag
+Population 8 x 2 prompts x 64 new tokens, antithetic pairs (bench's default), 3
+interleaved rounds; every other flag
 goes to `es-mpi bench` (see `es-mpi bench --help`), e.g. --dtype bfloat16 on a GPU.
 """
 
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main(argv: list[str]) -> None:
     from es_mpi.cli import cli
 
-    args = ["bench", "--population", "8", "--prompts", "4", "--max-new-tokens", "64",
+    args = ["bench", "--population", "8", "--prompts", "2", "--max-new-tokens", "64",
             "--task-data", str(ROOT / "es_mpi/presets/conciseness_qa.jsonl")]
     if "--model" not in argv:
         args += ["--model", str(ROOT / "demo/model")]

@@ -130,8 +130,9 @@ def determinism(model: Path, work: Path) -> dict:
 
 def bench(model: Path, work: Path, dry_run: bool) -> dict:
     report = work / f"bench-{model.name}.json"
-    settings = (["--population", 4, "--prompts", 2, "--max-new-tokens", 4] if dry_run
-                else ["--population", 8, "--prompts", 4, "--max-new-tokens", 64])
+    settings = (["--population", 4, "--prompts", 2, "--max-new-tokens", 4, "--repeat", 1]
+                if dry_run else ["--population", 8, "--prompts", 4, "--max-new-tokens", 64,
+                                 "--repeat", 3])
     proc = es_mpi(["bench", "--model", model, "--dtype", "bfloat16", "--threads", 1,
                    *settings, "--json", report], timeout=900)
     result = json.loads(report.read_text())
@@ -153,7 +154,8 @@ def plan_against_peaks(model: Path, bench_report: dict) -> dict:
             continue
         settings = plan.Settings(
             mode=mode, dtype="bfloat16", master=s.get("master", "device"),
-            population=s["population"], member_batch=s["population"], rank=s["rank"],
+            population=s["population"], member_batch=r.get("member_batch") or 1,
+            rank=s["rank"],
             antithetic=s["antithetic"], prompts=s["prompts"],
             prompt_tokens=r.get("prompt_tokens", 32), max_new_tokens=s["max_new_tokens"],
             generate_batch=r.get("generate_batch", 0),
