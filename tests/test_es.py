@@ -137,3 +137,24 @@ def test_mirror_member_is_the_same_with_or_without_its_pair_held():
     assert torch.equal(after_pair["h"], rep.master["h"].add(eps, alpha=-0.01).to(torch.bfloat16))
     rep.restore()
     assert torch.equal(params["w"].detach(), rep.master["w"])
+
+
+def test_checksum_is_the_documented_fingerprint_of_the_bits():
+    """The value run files record (replay checks against it, so it may never change):
+    BLAKE2b-64 (person es-mpi-check) over each tensor's name, the exact sum of its bits
+    read as signed integers of its element size (16 bytes, little-endian), and its shape;
+    recomputed here in plain Python, element by element."""
+    import hashlib
+    import struct
+
+    tensors = {"w": torch.randn(5, 3), "b": torch.randn(7).to(torch.bfloat16),
+               "big": torch.randn(3 * (1 << 22) // 2)}  # more than one 4M chunk
+    h = hashlib.blake2b(digest_size=8, person=b"es-mpi-check")
+    for name, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes()
+        fmt = {4: "i", 2: "h"}[t.element_size()]
+        total = sum(v for (v,) in struct.iter_unpack("<" + fmt, raw))
+        h.update(name.encode())
+        h.update(total.to_bytes(16, "little", signed=True))
+        h.update(str(tuple(t.shape)).encode())
+    assert checksum(tensors) == int.from_bytes(h.digest(), "little") & (2**63 - 1)
