@@ -329,6 +329,25 @@ def bench(opts: dict, modes: tuple[str, ...], echo=print, repeat: int = 3) -> di
                                     for k in (1, 2, 8, 64)}}
 
 
+def scaling_report(opts: dict, repeat: int, echo=print) -> dict:
+    """Strong and weak scaling at the benchmark's settings (es_mpi.scaling.measure): real
+    1- and 2-rank training runs, one thread per rank, in full and lowrank mode."""
+    from es_mpi import scaling
+
+    common = {"task": opts["task"], "task_data": opts["task_data"] or None,
+              "population": opts["population"], "prompts": opts["prompts"],
+              "max_new_tokens": opts["max_new_tokens"], "ranks": (1, 2), "repeat": repeat,
+              "echo": echo}
+    pairs = ("--antithetic",) if opts["antithetic"] else ()
+    args = (*pairs, "--sigma", str(opts["sigma"]), "--lr", str(opts["lr"]), "--dtype",
+            opts["dtype"])
+    return {"full" + (", antithetic" if pairs else ""):
+            scaling.measure(opts["model"], mode="full", extra_args=args, **common),
+            "lowrank": scaling.measure(opts["model"], mode="lowrank",
+                                       extra_args=(*args, "--rank", str(opts["rank"])),
+                                       **common)}
+
+
 def _add_rounds(results: dict, rounds: dict) -> None:
     """Times from the interleaved rounds: per mode the median seconds, the min and max,
     and the median over rounds of each round's ratio to inference and to the paper loop
@@ -404,6 +423,11 @@ def table(report: dict) -> str:
     for mode, r in report["modes"].items():
         cells = [f"{r['phases'][p]:.2f}" if p in r["phases"] else "" for p in PHASES]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    if "scaling" in report:
+        from es_mpi import scaling
+
+        lines += ["", "Scaling (1 and 2 ranks, one thread each; es_mpi.scaling):", "",
+                  scaling.scaling_table(report["scaling"])]
     return "\n".join(lines)
 
 

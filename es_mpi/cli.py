@@ -341,13 +341,17 @@ def report(run_files: tuple[str, ...], out_dir: str | None) -> None:
 @click.option("--repeat", type=int, default=3, show_default=True,
               help="Interleaved rounds of every mode in one process, for the times and "
                    "ratios (medians, with min-max); 0 = each mode's single run alone.")
+@click.option("--scaling", is_flag=True,
+              help="Also measure strong and weak scaling: real `mpiexec -n 1` and `-n 2` "
+                   "training runs (one thread per rank) in full and lowrank mode at these "
+                   "settings; prints speedup and parallel efficiency (es_mpi.scaling).")
 @click.option("--modes", default=",".join(("inference", "lowrank", "full", "paper")),
               show_default=True, help="Comma-separated modes to measure.")
 @click.option("--json", "json_out", metavar="FILE", default=None,
               help="Write the full report (seconds, phases, memory, ratios) as JSON.")
 def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr, rank,
-          antithetic, dtype, threads, generate_batch, master, member_batch, repeat, modes,
-          json_out) -> None:
+          antithetic, dtype, threads, generate_batch, master, member_batch, repeat, scaling,
+          modes, json_out) -> None:
     """Time one ES generation per mode against pure batched inference of the same sequences.
 
     Each mode runs alone in a fresh single process (one rank), for its memory: inference
@@ -386,7 +390,12 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
                 "generate_batch": generate_batch, "master": master,
                 "member_batch": member_batch,
                 "threads": threads or len(os.sched_getaffinity(0))}
-        report = run_bench(opts, chosen, echo=lambda m: click.echo(m, err=True), repeat=repeat)
+        echo = lambda m: click.echo(m, err=True)  # noqa: E731
+        report = run_bench(opts, chosen, echo=echo, repeat=repeat)
+        if scaling:
+            from es_mpi.bench import scaling_report
+
+            report["scaling"] = scaling_report(opts, max(repeat, 1), echo)
     except EsError as exc:
         click.echo(f"es-mpi: error: {exc}", err=True)
         sys.exit(2)

@@ -12,66 +12,12 @@ seeds: no whole-model noise vector ever exists.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from es_mpi.noise import NOISE_CHUNK, SEED_MASK, chunk_noise, chunks, lowrank_factors
-
-
-class FullNoise:
-    """Member noise eps_i: an independent standard normal per tensor (es_mpi.noise)."""
-
-    name = "full"
-
-    def add_update_(self, theta: torch.Tensor, name: str, terms: list[tuple[int, float]],
-                    alpha: float, work: torch.Tensor) -> None:
-        """theta += alpha * sum_j c_j eps_j(name), a noise chunk at a time, in term order."""
-        acc_buf, eps_buf = work[:NOISE_CHUNK], work[NOISE_CHUNK:]
-        for k, part in enumerate(chunks(theta)):
-            acc, eps = acc_buf[:part.numel()], eps_buf[:part.numel()]
-            acc.zero_()
-            for seed, c in terms:
-                acc.add_(chunk_noise(seed, name, k, eps), alpha=c)
-            part.add_(acc, alpha=alpha)
-
-
-class LowRankNoise:
-    """Member noise of a matrix: A_i @ B_i.T / sqrt(r) (EGGROLL), thin factors from the seed."""
-
-    name = "lowrank"
-
-    def __init__(self, rank: int):
-        self.rank = rank
-
-    def factors(self, seed: int, name: str, theta: torch.Tensor,
-                device: torch.device | str | None = None):
-        """Raw (A, B) of a member, on `device` (default theta's); its perturbation of theta
-        is A B^T / sqrt(r). They are drawn on the CPU whatever the device."""
-        return lowrank_factors(seed, name, theta.shape, self.rank,
-                               theta.device if device is None else device)
-
-    @property
-    def scale(self) -> float:
-        return 1.0 / math.sqrt(self.rank)
-
-    def add_update_(self, theta: torch.Tensor, name: str, terms: list[tuple[int, float]],
-                    alpha: float, work: torch.Tensor) -> None:
-        """theta += alpha * sum_j c_j A_j B_j^T / sqrt(r): one (out x Kr) @ (Kr x in)
-        product, computed a block of rows at a time."""
-        pairs = [self.factors(seed, name, theta, "cpu") for seed, _ in terms]
-        coef = torch.tensor([c * self.scale for _, c in terms], dtype=torch.float32,
-                            device=theta.device)
-        a = torch.cat([a for a, _ in pairs], dim=1).to(theta.device)
-        a = a * coef.repeat_interleave(self.rank)
-        b = torch.cat([b for _, b in pairs], dim=1).to(theta.device)
-        rows = max(1, NOISE_CHUNK // theta.shape[1])
-        for r0 in range(0, theta.shape[0], rows):
-            block = theta[r0:r0 + rows]
-            acc = work[:block.numel()].view(block.shape)
-            block.add_(torch.mm(a[r0:r0 + rows], b.T, out=acc), alpha=alpha)
+from es_mpi.noise import NOISE_CHUNK, SEED_MASK, FullNoise, LowRankNoise, chunk_noise, chunks
 
 
 def noise_coefficients(seeds_n: np.ndarray, signs_n: np.ndarray,

@@ -4,11 +4,16 @@ Member i of generation t gets the noise seed `derive_seed(run_seed, t, i)`; with
 antithetic pairs, members 2j and 2j+1 share the seed of pair j and take signs +1 / -1.
 Each tensor's noise uses its own seed, derived from the member seed and the tensor's
 name, so equal-shaped tensors never share noise (the paper's scripts reuse one seed).
+
+`FullNoise` (an independent standard normal per tensor) and `LowRankNoise` (thin factors
+A B^T / sqrt(r) per matrix) define a member's noise and add a generation's update made of
+it; es_mpi.es applies them to the weights.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -81,3 +86,58 @@ def lowrank_factors(seed: int, name: str, shape: torch.Size, rank: int,
     if torch.device(device).type != "cpu":
         ab = ab.to(device, non_blocking=True)
     return ab[:out_features], ab[out_features:]
+
+
+# -- the two kinds of member noise, and the update each makes --------------------------
+
+class FullNoise:
+    """Member noise eps_i: an independent standard normal per tensor (es_mpi.noise)."""
+
+    name = "full"
+
+    def add_update_(self, theta: torch.Tensor, name: str, terms: list[tuple[int, float]],
+                    alpha: float, work: torch.Tensor) -> None:
+        """theta += alpha * sum_j c_j eps_j(name), a noise chunk at a time, in term order."""
+        acc_buf, eps_buf = work[:NOISE_CHUNK], work[NOISE_CHUNK:]
+        for k, part in enumerate(chunks(theta)):
+            acc, eps = acc_buf[:part.numel()], eps_buf[:part.numel()]
+            acc.zero_()
+            for seed, c in terms:
+                acc.add_(chunk_noise(seed, name, k, eps), alpha=c)
+            part.add_(acc, alpha=alpha)
+
+
+class LowRankNoise:
+    """Member noise of a matrix: A_i @ B_i.T / sqrt(r) (EGGROLL), thin factors from the seed."""
+
+    name = "lowrank"
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def factors(self, seed: int, name: str, theta: torch.Tensor,
+                device: torch.device | str | None = None):
+        """Raw (A, B) of a member, on `device` (default theta's); its perturbation of theta
+        is A B^T / sqrt(r). They are drawn on the CPU whatever the device."""
+        return lowrank_factors(seed, name, theta.shape, self.rank,
+                               theta.device if device is None else device)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.rank)
+
+    def add_update_(self, theta: torch.Tensor, name: str, terms: list[tuple[int, float]],
+                    alpha: float, work: torch.Tensor) -> None:
+        """theta += alpha * sum_j c_j A_j B_j^T / sqrt(r): one (out x Kr) @ (Kr x in)
+        product, computed a block of rows at a time."""
+        pairs = [self.factors(seed, name, theta, "cpu") for seed, _ in terms]
+        coef = torch.tensor([c * self.scale for _, c in terms], dtype=torch.float32,
+                            device=theta.device)
+        a = torch.cat([a for a, _ in pairs], dim=1).to(theta.device)
+        a = a * coef.repeat_interleave(self.rank)
+        b = torch.cat([b for _, b in pairs], dim=1).to(theta.device)
+        rows = max(1, NOISE_CHUNK // theta.shape[1])
+        for r0 in range(0, theta.shape[0], rows):
+            block = theta[r0:r0 + rows]
+            acc = work[:block.numel()].view(block.shape)
+            block.add_(torch.mm(a[r0:r0 + rows], b.T, out=acc), alpha=alpha)

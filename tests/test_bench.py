@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 
+import pytest
 from conftest import run_cli
 
 
@@ -26,7 +27,7 @@ def test_bench_runs_every_mode_and_writes_json(tiny_model, tmp_path):
     for mode, r in modes.items():
         assert len(r["rounds"]) == 2 and r["seconds"] == statistics.median(r["rounds"]), mode
         assert r["seconds_min"] <= r["seconds"] <= r["seconds_max"]
-        ratios = [a / b for a, b in zip(r["rounds"], modes["inference"]["rounds"])]
+        ratios = [a / b for a, b in zip(r["rounds"], modes["inference"]["rounds"], strict=True)]
         assert r["ratio_to_inference"] == statistics.median(ratios), mode
     # member batch 0 (auto) on the CPU: the 4 members x 2 prompts fit in one generate call
     assert modes["lowrank"]["member_batch"] == 4
@@ -48,3 +49,25 @@ def test_bench_bad_mode_is_one_error_line(tiny_model):
     assert result.stderr.strip().splitlines() == [
         "es-mpi: error: --modes: unknown mode(s) fast; choose from inference, lowrank, full, "
         "paper"]
+
+
+@pytest.mark.mpi
+def test_bench_scaling_reports_speedup_and_efficiency_of_real_runs(tiny_model, tmp_path):
+    """--scaling: real 1- and 2-rank training runs in both modes; the printed speedup and
+    efficiency are those of the runs' own seconds, and N fixed gives the same weights."""
+    out = tmp_path / "bench.json"
+    result = run_cli(["bench", "--model", tiny_model, "--population", "4", "--prompts", "2",
+                      "--max-new-tokens", "3", "--threads", "1", "--modes", "inference",
+                      "--repeat", "0", "--scaling", "--json", out])
+    assert result.returncode == 0, result.stderr
+    scaling = json.loads(out.read_text())["scaling"]
+    assert set(scaling) == {"full, antithetic", "lowrank"}
+    for label, rep in scaling.items():
+        runs = [r for r in rep["runs"] if r["kind"] == "strong"]
+        t = {r["ranks"]: r["seconds"] for r in runs}
+        assert sorted(t) == [1, 2] and len(runs) == 2, label
+        strong = rep["strong"]["ranks"]["2"]
+        assert strong["speedup"] == pytest.approx(t[1] / t[2])
+        assert strong["efficiency"] == pytest.approx(t[1] / t[2] / 2)
+        assert rep["strong"]["identical"], label
+        assert f"| {label} | strong | 2 | 4 |" in result.stdout
