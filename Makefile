@@ -36,7 +36,7 @@ demo: $(VENV)/.installed $(DEMO)/model/config.json
 	$(BIN)/es-mpi inspect $(DEMO)/run.h5
 
 test: $(VENV)/.installed
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -rs --durations=25
 
 # Built anew whenever the pins change (the environment is then exactly the pins).
 # mpi4py 3.1.4 has no wheel: it compiles against the mpich wheel's mpicc (installed first,

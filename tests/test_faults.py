@@ -23,7 +23,14 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import ES_MPI, MPIEXEC, cli_env, run_cli, train_with_rank1_reward
+from conftest import (
+    ES_MPI,
+    MPIEXEC,
+    cli_env,
+    need_mpiexec,
+    run_cli,
+    train_with_rank1_reward,
+)
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
 from soak import rank_pids
@@ -124,8 +131,7 @@ class Job:
     """`mpiexec -n 2 es-mpi ARGS` in the background, output to files, killed if left over."""
 
     def __init__(self, tmp_path: Path, args: list, np: int = 2):
-        if not MPIEXEC:
-            pytest.skip("mpiexec not found")
+        need_mpiexec()
         self.out, self.err = tmp_path / "job.out", tmp_path / "job.err"
         with self.out.open("w") as out, self.err.open("w") as err:
             self.proc = subprocess.Popen([MPIEXEC, "-n", str(np), ES_MPI, *map(str, args)],
@@ -335,8 +341,7 @@ def test_full_disk_stops_with_one_error_line_and_resumes(reference, tiny_model, 
     the room before each write, so the job ends with one error line and exit 2 before HDF5
     ever meets ENOSPC (which crashes it); the file holds every committed generation, and a
     resume after freeing space ends identical to the uninterrupted run."""
-    if not MPIEXEC:
-        pytest.skip("mpiexec not found")
+    need_mpiexec()
     if limit == "tmpfs":
         where = request.getfixturevalue("small_disk")
         ballast = where / "ballast"

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MPIEXEC, cli_env
+from conftest import MPIEXEC, cli_env, need_mpiexec
 
 pytestmark = pytest.mark.mpi
 
@@ -21,8 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_gpu_check_dry_run(tmp_path):
-    if not MPIEXEC:
-        pytest.skip("mpiexec not found")
+    need_mpiexec()
     env = cli_env()
     env["PATH"] = f"{Path(MPIEXEC).parent}:{env['PATH']}"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--dry-run",

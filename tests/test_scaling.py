@@ -4,23 +4,12 @@ against what MPI delivered."""
 
 from __future__ import annotations
 
-import os
-
 import h5py
 import numpy as np
 import pytest
-from conftest import MPIEXEC
+from conftest import need_mpiexec
 
 from es_mpi import scaling
-
-
-def need_mpiexec() -> None:
-    """Skip without mpiexec, except in CI (CI=true), where the 2-rank paths must run."""
-    if MPIEXEC:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("mpiexec not found, and CI=true: the 2-rank scaling tests must run")
-    pytest.skip("mpiexec not found")
 
 
 def test_comm_model_bytes_and_latency_by_hand():

@@ -9,7 +9,7 @@ import time
 
 import h5py
 import pytest
-from conftest import ES_MPI, MPIEXEC, cli_env, run_cli, run_python_mpi
+from conftest import ES_MPI, MPIEXEC, cli_env, need_mpiexec, run_cli, run_python_mpi
 from test_mpi import assert_same_trajectory, rows
 
 from es_mpi.stop import EXIT_STOPPED
@@ -41,8 +41,7 @@ def reference(tiny_model, path, generations):
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_to_mpiexec_stops_cleanly_and_resumes_exactly(tiny_model, tmp_path, sig):
-    if not MPIEXEC:
-        pytest.skip("mpiexec not found")
+    need_mpiexec()
     run = tmp_path / "run.h5"
     proc = subprocess.Popen([MPIEXEC, "-n", "2", ES_MPI, "train", "--model", str(tiny_model),
                              "--run", str(run), *ARGS, "--generations", "500"],
