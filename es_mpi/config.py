@@ -102,8 +102,8 @@ class Config:
         0, "Rows (members x prompts) per generate call, in training and held-out "
         "evaluation: larger batches are cut into micro-batches of at most this many rows, "
         "which bounds the KV cache. 0 = auto: as many as fit in the device's free memory "
-        "(all rows on the CPU), decided once when the run starts and recorded in the run "
-        "file. Results do not depend on it on the CPU; on a GPU, kernels may round "
+        "(on the CPU, 80% of the available host memory shared by the node's ranks), "
+        "decided once when the run starts and recorded in the run file. Results do not depend on it on the CPU; on a GPU, kernels may round "
         "differently for another batch shape.", resumable=True)
     master: str = _field(
         "device", "Where the fp32 master copy of the weights lives: device (with the "
