@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import h5py
 import numpy as np
 import pytest
 from conftest import run_cli
+
+from es_mpi import runfile
 
 pytestmark = pytest.mark.mpi
 
@@ -78,13 +81,40 @@ def test_countdown_end_to_end_on_two_ranks(tiny_model, tmp_path):
                       "--population", "4", "--batch-size", "4", "--max-new-tokens", "8",
                       "--generations", "2", "--eval-every", "2", "--eval-limit", "4"], np=2)
     assert result.returncode == 0, result.stderr
-    assert "held-out mean reward" in result.stdout and "accuracy 0.000" in result.stdout
+    assert "held-out mean reward" in result.stdout and "accuracy " in result.stdout
     with h5py.File(path, "r") as f:
         assert f.attrs["task"] == "countdown"
         assert f["generations/prompt_ids"].shape == (2, 4)
         assert f["generations/prompt_ids"][0].tolist() != f["generations/prompt_ids"][1].tolist()
-        assert f["eval/accuracy"][:].tolist() == [0.0, 0.0]
+        accuracy = f["eval/accuracy"][:].tolist()
         assert f["eval/n_examples"][:].tolist() == [4, 4]
+    # the accuracy is the share of held-out completions that solve their example, checked
+    # here with a checker of our own: the last <answer> block, only numbers and + - * / ( ),
+    # each given number used once, equal to the target
+    from tasks import get_task
+
+    examples = get_task("countdown").eval_examples()[:4]
+    assert all(_solves(f"<answer>{e['solution']}</answer>", e["numbers"], e["target"])
+               for e in examples)  # the checker does see a solution
+    completions = runfile.read_eval_completions(path)
+    assert len(completions) == 2 and all(len(c) == 4 for c in completions)
+    for acc, texts in zip(accuracy, completions, strict=True):
+        solved = [_solves(t, e["numbers"], e["target"]) for t, e in zip(texts, examples,
+                                                                           strict=True)]
+        assert acc == pytest.approx(np.mean(solved))
+        assert f"accuracy {acc:.3f}" in result.stdout
+
+
+def _solves(text: str, numbers: list[int], target: int) -> bool:
+    blocks = re.findall(r"<answer>(.*?)</answer>", text, re.S)
+    if not blocks or not re.fullmatch(r"[\d+\-*/()\s]+", blocks[-1]):
+        return False
+    if sorted(int(n) for n in re.findall(r"\d+", blocks[-1])) != sorted(numbers):
+        return False
+    try:
+        return abs(eval(blocks[-1], {"__builtins__": {}}) - target) < 1e-9
+    except (SyntaxError, ZeroDivisionError, TypeError):
+        return False
 
 
 EVEN_TASK = '''

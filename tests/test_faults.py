@@ -63,8 +63,16 @@ def assert_one_error_line(stderr: str, match: str) -> str:
     return errors[0]
 
 
+def committed(path) -> int:
+    """complete_generations of a finished run's file; the file must exist and open (for
+    final assertions: a missing file is an error here, never 0)."""
+    with h5py.File(path, "r") as f:
+        return int(f.attrs["complete_generations"])
+
+
 def complete(path) -> int:
-    """complete_generations of a run file, read while a run may be writing it (0 if unreadable)."""
+    """complete_generations of a run file, read while a run may be writing it (0 if
+    unreadable): for polling only; final assertions use committed()."""
     try:
         with h5py.File(path, "r", locking=False) as f:
             return int(f.attrs["complete_generations"])
@@ -97,7 +105,7 @@ def assert_prefix_of_reference(path, reference) -> int:
 def assert_matches_reference(path, reference, generations: int) -> None:
     """`path` holds `generations` complete generations whose rows and final weights (the
     checkpoint delta, bit for bit) equal those of the uninterrupted reference run."""
-    assert complete(path) == generations
+    assert committed(path) == generations
     assert_prefix_of_reference(path, reference)
     a, b = delta(path, generations), delta(reference, generations)
     assert a.keys() == b.keys() and a
@@ -503,7 +511,7 @@ def test_reward_calling_exit_on_one_rank_stops_every_rank(tiny_model, tmp_path):
                                           timeout=END_WITHIN)
     assert result.returncode == 2, result.stderr
     assert_one_error_line(result.stderr, "reward raised SystemExit: 0 (member 1, rank 1)")
-    assert complete(run) == 0
+    assert committed(run) == 0
 
 
 @pytest.fixture
@@ -540,7 +548,7 @@ def test_reward_that_swallows_the_timeout_still_times_out(workdir, tiny_model):
     assert result.exit_code == 2
     assert_one_error_line(result.stderr, "reward took longer than --reward-timeout 0.3 s")
     assert time.monotonic() - t0 < 30
-    assert complete(workdir / "r.h5") == 0
+    assert committed(workdir / "r.h5") == 0
 
 
 @pytest.mark.parametrize("value", ["1.7e308", "-1e151",
@@ -556,7 +564,7 @@ def test_rewards_beyond_the_float_range_are_refused(workdir, tiny_model, value):
                      "--reward", reward])
     assert result.exit_code == 2
     assert_one_error_line(result.stderr, "rewards must be finite numbers within +-1e+150")
-    assert complete(workdir / "r.h5") == 0
+    assert committed(workdir / "r.h5") == 0
 
 
 def test_zscore_stays_finite_for_extreme_rewards():
