@@ -46,7 +46,11 @@ def delta(path, generation):
 
 
 def assert_same_trajectory(a, b):
+    """Two runs with equal rows and bit-identical final weights; guarded: their rewards
+    vary and the weights moved, or equal runs would prove nothing."""
     ra, rb = rows(a), rows(b)
+    assert len(np.unique(ra["rewards"])) > 1, "rewards never vary: the comparison is blind"
+    assert len(set(ra["checksum"].tolist())) > 1, "the weights never moved"
     for key in ("seeds", "signs", "rewards", "tokens", "prompt_ids", "checksum"):
         np.testing.assert_array_equal(ra[key], rb[key], err_msg=key)
     g = len(ra["checksum"])
