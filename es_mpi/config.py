@@ -103,8 +103,9 @@ class Config:
         "evaluation: larger batches are cut into micro-batches of at most this many rows, "
         "which bounds the KV cache. 0 = auto: as many as fit in the device's free memory "
         "(on the CPU, 80% of the available host memory shared by the node's ranks), "
-        "decided once when the run starts and recorded in the run file. Results do not depend on it on the CPU; on a GPU, kernels may round "
-        "differently for another batch shape.", resumable=True)
+        "decided once when the run starts and recorded in the run file. Results do not "
+        "depend on it on the CPU; on a GPU, kernels may round differently for another "
+        "batch shape.", resumable=True)
     master: str = _field(
         "device", "Where the fp32 master copy of the weights lives: device (with the "
         "replica) or host (CPU memory, for models whose master does not fit on the GPU; "
