@@ -46,8 +46,8 @@ class Runner:
         from es_mpi.dist import Dist
         from es_mpi.session import check_task, decide_batches, open_session, prompt_ids_for
 
-        self.mode, self.opts = mode, opts
-        self.tmp = Path(tempfile.mkdtemp(prefix="es-mpi-bench-"))
+        self.mode = mode
+        tmp = Path(tempfile.mkdtemp(prefix="es-mpi-bench-"))
         cfg = Config(model=opts["model"], task=opts["task"], task_data=opts["task_data"],
                      population=opts["population"], batch_size=opts["prompts"],
                      max_new_tokens=opts["max_new_tokens"], sigma=opts["sigma"],
@@ -57,7 +57,7 @@ class Runner:
                      mode="lowrank" if mode == "lowrank" else "full", dtype=opts["dtype"],
                      generate_batch=opts.get("generate_batch", 0),
                      master=opts.get("master", "device"), generations=1000,
-                     checkpoint_every=1000, run=str(self.tmp / "bench.h5"))
+                     checkpoint_every=1000, run=str(tmp / "bench.h5"))
         task, self.train = check_task(cfg)
         self.s = None
         if mode in ("lowrank", "full"):
@@ -311,8 +311,7 @@ def bench(opts: dict, modes: tuple[str, ...], echo=print, repeat: int = 3) -> di
                                           / r["model_bytes"])
         if ref and "rounds" not in r:
             r["ratio_to_inference"] = r["seconds"] / ref["seconds"]
-        generating = r["phases"].get("generate", 0.0) + r["phases"].get("score", 0.0)
-        r.setdefault("overhead_fraction", 1.0 - generating / r["seconds"])
+        r.setdefault("overhead_fraction", _overhead(r["phases"], r["seconds"]))
         # the memory that bounds a rank: the GPU's where there is one, else the RSS
         r["peak_bytes"] = r.get("peak_cuda_bytes", r["peak_rss_bytes"])
         r["peak_over_model"] = r["peak_bytes"] / r["model_bytes"]
@@ -348,6 +347,11 @@ def scaling_report(opts: dict, repeat: int, echo=print) -> dict:
                                        **common)}
 
 
+def _overhead(phases: dict[str, float], seconds: float) -> float:
+    """The share of a generation spent on anything but generating and scoring."""
+    return 1.0 - (phases.get("generate", 0.0) + phases.get("score", 0.0)) / seconds
+
+
 def _add_rounds(results: dict, rounds: dict) -> None:
     """Times from the interleaved rounds: per mode the median seconds, the min and max,
     and the median over rounds of each round's ratio to inference and to the paper loop
@@ -362,8 +366,7 @@ def _add_rounds(results: dict, rounds: dict) -> None:
         r["seconds"] = statistics.median(times)
         r["seconds_min"], r["seconds_max"] = min(times), max(times)
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
-        overhead = [1.0 - (p.get("generate", 0.0) + p.get("score", 0.0)) / t
-                    for p, t in zip(rounds["phases"][mode], times, strict=True)]
+        overhead = [_overhead(p, t) for p, t in zip(rounds["phases"][mode], times, strict=True)]
         r["overhead_fraction"] = statistics.median(overhead)
         r["phases"] = {k: statistics.median(p.get(k, 0.0) for p in rounds["phases"][mode])
                        for k in r["phases"]}

@@ -160,22 +160,18 @@ def _hook(use: Use, a: torch.Tensor, b: torch.Tensor, current: dict, key: tuple)
     factors into the module's output, in place: M*r*(in + out) extra multiply-adds per row.
     `current[key]` holds the row scales of the rows now in the batch (see population).
     """
-    linear = torch.nn.functional.linear
     if use.layout == EMBEDDING:   # e = W[ids] * s: the rows of A picked by the ids, against B
         back = (b * use.scale if use.scale != 1.0 else b).T.contiguous()
 
         def low_of(x):
             return torch.nn.functional.embedding(x, a)
-    elif use.layout == CONV1D:    # y = x W, W (in x out): x (A B^T) = (x A) B^T
-        back, into = b.T.contiguous(), a.T.contiguous()
+    else:  # Conv1D: y = x W, W (in x out): x (A B^T) = (x A) B^T
+        #      Linear: y = x W^T, W (out x in): x (A B^T)^T = (x B) A^T
+        into, back = (a, b) if use.layout == CONV1D else (b, a)
+        into, back = into.T.contiguous(), back.T.contiguous()
 
         def low_of(x):
-            return linear(x, into)
-    else:                         # y = x W^T, W (out x in): x (A B^T)^T = (x B) A^T
-        back, into = a.T.contiguous(), b.T.contiguous()
-
-        def low_of(x):
-            return linear(x, into)
+            return torch.nn.functional.linear(x, into)
     device = back.device
 
     def hook(module, inputs, output):

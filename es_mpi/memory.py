@@ -18,16 +18,33 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak RSS since start or since the last reset_peak_rss()."""
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A "Key:  N kB" line of a Linux /proc file, in bytes; None where there is none."""
     try:
-        with open("/proc/self/status") as fh:
+        with open(path) as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def host_available_bytes() -> int:
+    """Bytes of host memory available to new allocations now (Linux MemAvailable), or the
+    machine's total where /proc/meminfo cannot be read."""
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
+    if available is None:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return available
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak RSS since start or since the last reset_peak_rss()."""
+    peak = _proc_bytes("/proc/self/status", "VmHWM")
+    if peak is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak
 
 
 def reset_peak_rss() -> None:

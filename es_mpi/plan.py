@@ -464,6 +464,12 @@ def _total(terms: dict[str, int]) -> int:
     return resident + max(evaluation, terms["update"])
 
 
+def members_per_call(rows: int, prompts: int, population: int) -> int:
+    """member_batch 0 (auto): the members whose prompts fill one generate call of `rows`
+    rows, at least 1 and at most the population; the engine and the plan both use it."""
+    return max(1, min(population, rows // prompts))
+
+
 def _with_members(shape: Shape, s: Settings, notes: list[str]) -> Settings:
     """member_batch 0 (auto), as the engine decides it: the members one generate call
     holds (its --generate-batch rows, or the rows that fit), at most N."""
@@ -472,7 +478,7 @@ def _with_members(shape: Shape, s: Settings, notes: list[str]) -> Settings:
     rows = s.generate_batch
     if not rows and s.device == "cuda":
         rows = plan(shape, dataclasses.replace(s, member_batch=s.population)).generate_batch
-    members = max(1, min(s.population, rows // s.prompts)) if rows else s.population
+    members = members_per_call(rows, s.prompts, s.population) if rows else s.population
     notes.append(f"--member-batch 0 (auto) gives groups of {members} of the {s.population} "
                  "members")
     return dataclasses.replace(s, member_batch=members)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -150,19 +149,6 @@ def group_rows(cfg: Config, train: list) -> int:
     return members * n_prompts(cfg, train)
 
 
-def host_memory_available() -> int:
-    """Bytes of host memory available to new allocations now (Linux MemAvailable), or the
-    machine's total where /proc/meminfo cannot be read."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def rows_that_fit(s: Session) -> int:
     """The rows of one generate call whose KV cache and activations fit in this rank's
     memory (es_mpi.plan): 90% of its GPU's free memory, or on the CPU 80% of the host
@@ -175,7 +161,7 @@ def rows_that_fit(s: Session) -> int:
     if s.device.type == "cuda":
         budget = 0.9 * min(torch.cuda.mem_get_info(d)[0] for d in s.devices)
     else:
-        budget = 0.8 * host_memory_available() / s.dist.local_size
+        budget = 0.8 * memory.host_available_bytes() / s.dist.local_size
     return plan.rows_that_fit(s.model.config, next(s.model.parameters()).dtype, prompt_tokens,
                               s.cfg.max_new_tokens, int(budget), s.device.type)
 
@@ -195,9 +181,10 @@ def decide_batches(s: Session) -> None:
         return
     fits = int(s.dist.allgather_ints([rows_that_fit(s)])[:, 0].min())
     if auto_members:
-        rows = cfg.generate_batch or fits
-        cfg = cfg.replace(member_batch=max(1, min(cfg.population,
-                                                  rows // n_prompts(cfg, s.train))))
+        from es_mpi.plan import members_per_call
+
+        cfg = cfg.replace(member_batch=members_per_call(
+            cfg.generate_batch or fits, n_prompts(cfg, s.train), cfg.population))
     if cfg.generate_batch == 0:
         largest = max(group_rows(cfg, s.train), cfg.eval_batch_size)
         cfg = cfg.replace(generate_batch=min(largest, fits))
