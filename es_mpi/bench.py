@@ -159,6 +159,7 @@ def run_mode(mode: str, opts: dict) -> dict:
               "load_peak_rss_bytes": load_peak, "peak_rss_bytes": peak_rss_bytes(),
               "generate_batch": cfg.generate_batch,
               "member_batch": cfg.member_batch if mode == "lowrank" else None,
+              "prompts": int(run.batch["input_ids"].shape[0]),
               "prompt_tokens": int(run.batch["input_ids"].shape[1]),
               "device": str(run.device),
               "dtype": str(next(run.model.parameters()).dtype).removeprefix("torch."),
@@ -416,7 +417,15 @@ def table(report: dict) -> str:
             f"{spread(r, 'speedup_over_paper', '.2f')} | "
             f"{100 * r['overhead_fraction']:.1f}% | {r['peak_bytes'] / 2**20:.0f} MiB | "
             f"{r['peak_over_model']:.2f} | {r.get('model_copies', float('nan')):.2f} |")
-    repeat = report["settings"].get("repeat", 0)
+    opts, first = report["settings"], next(iter(report["modes"].values()))
+    what = (f"\n{opts['population']} members x {first.get('prompts', opts['prompts'])} prompts "
+            f"x {opts['max_new_tokens']} new tokens, {first['dtype']}, {first['threads']} "
+            f"thread(s) per mode")
+    if "lowrank" in report["modes"]:
+        what += (f"; lowrank rank {opts['rank']}, "
+                 f"{report['modes']['lowrank']['member_batch']} members per generate call")
+    lines.append(what + ".")
+    repeat = opts.get("repeat", 0)
     if repeat:
         lines.append(f"\nTimes, ratios and phases: median (min-max) of {repeat} interleaved "
                      "rounds in one process; memory: each mode alone in its own process.")

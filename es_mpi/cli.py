@@ -318,8 +318,9 @@ def report(run_files: tuple[str, ...], out_dir: str | None) -> None:
 @click.option("--task", default="conciseness", show_default=True, help="Reward task.")
 @click.option("--task-data", default="", metavar="PATH", help="JSON/JSONL examples for the task.")
 @click.option("--population", type=int, default=8, show_default=True, help="Members N.")
-@click.option("--prompts", type=int, default=4, show_default=True,
-              help="Training prompts per member (the task's first sample of this size).")
+@click.option("--prompts", type=int, default=0, show_default=True,
+              help="Training prompts per member: 0 = all of the task's training prompts "
+                   "(train's --batch-size 0), else the task's first sample of this size.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True,
               help="Tokens per sequence; EOS is ignored so every mode does equal work.")
 @click.option("--sigma", type=float, default=1e-3, show_default=True, help="Noise scale.")
@@ -374,12 +375,12 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
         if unknown or not chosen:
             raise EsError(f"--modes: unknown mode(s) {', '.join(unknown) or '(none)'}; "
                           f"choose from {', '.join(MODES)}")
-        for name, value in (("population", population), ("prompts", prompts),
-                            ("max-new-tokens", max_new_tokens), ("rank", rank)):
+        for name, value in (("population", population), ("max-new-tokens", max_new_tokens),
+                            ("rank", rank)):
             if value < 1:
                 raise EsError(f"--{name} {value}: must be >= 1")
-        for name, value in (("generate-batch", generate_batch), ("member-batch", member_batch),
-                            ("repeat", repeat)):
+        for name, value in (("prompts", prompts), ("generate-batch", generate_batch),
+                            ("member-batch", member_batch), ("repeat", repeat)):
             if value < 0:
                 raise EsError(f"--{name} {value}: must be >= 0")
         opts = {"model": os.path.abspath(model), "task": task,

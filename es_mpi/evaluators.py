@@ -83,7 +83,7 @@ class LowRankEvaluator:
                     [int(seeds_n[i]) for i in group], [int(signs_n[i]) for i in group],
                     s.cfg.sigma, rows=m * p))
             with timer("generate"):
-                texts, tokens = s.generate(big, rows.select)
+                texts, tokens = s.generate(big, rows.select, unit=p)
         return [(texts[k * p:(k + 1) * p], tokens[k * p:(k + 1) * p]) for k in range(m)]
 
     def restore(self) -> None:

@@ -141,70 +141,114 @@ def check_layout(model_dir: str) -> None:
     perturbed_matrices(skeleton)
 
 
-def _row_scales(coef: torch.Tensor, rank: int, rows: int) -> torch.Tensor:
-    """(rows, 1, M*r): row k (member k // P) keeps its own member's r columns, scaled
-    by sign*sigma/sqrt(r), and zeroes every other member's."""
-    members = coef.shape[0]
-    own = torch.zeros(members, members * rank, dtype=coef.dtype, device=coef.device)
-    for m in range(members):
-        own[m, m * rank:(m + 1) * rank] = coef[m]
-    return own.repeat_interleave(rows // members, dim=0).unsqueeze(1)
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A row-major copy with the canonical strides even along dimensions of size 1
+    (`contiguous()` keeps any stride there): at r = 1 a factor viewed with a stride of 1
+    on both inner dimensions sends bmm down a path about 10x slower."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
-def _hook(use: Use, a: torch.Tensor, b: torch.Tensor, current: dict, key: tuple):
-    """a, b: every member's factors side by side, (W's first dim, M*r), (second, M*r).
+class _Member:
+    """One matrix's factors for every member of the group, per member, as the hooks use
+    them (members is the first dimension, so a window of members is a view):
 
-    Two thin GEMMs: the input against all members' input-side factors (stored (M*r, in),
-    contiguous, for F.linear: about twice as fast as `x @ b` on a CPU at decode shapes),
-    masked to each row's own member by the row scales, then back through the output-side
-    factors into the module's output, in place: M*r*(in + out) extra multiply-adds per row.
-    `current[key]` holds the row scales of the rows now in the batch (see population).
-    """
-    if use.layout == EMBEDDING:   # e = W[ids] * s: the rows of A picked by the ids, against B
-        back = (b * use.scale if use.scale != 1.0 else b).T.contiguous()
+        into  (M, r, in)   the input side: rows of a Linear's B, a Conv1D's A, or for
+                           an Embedding the (M, vocab, r) table its ids index
+        back  (M, r, out)  the output side, already times the member's sign*sigma/sqrt(r)
 
-        def low_of(x):
-            return torch.nn.functional.embedding(x, a)
-    else:  # Conv1D: y = x W, W (in x out): x (A B^T) = (x A) B^T
-        #      Linear: y = x W^T, W (out x in): x (A B^T)^T = (x B) A^T
-        into, back = (a, b) if use.layout == CONV1D else (b, a)
-        into, back = into.T.contiguous(), back.T.contiguous()
+    `window` is what the hook needs for the rows the forward passes now see: (members,
+    rows, the input side as the hook multiplies it, back, an Embedding's table offsets)."""
 
-        def low_of(x):
-            return torch.nn.functional.linear(x, into)
-    device = back.device
+    def __init__(self, use: Use, a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor):
+        # a, b: (M, W's first dim, r), (M, W's second dim, r); coef: (M,)
+        if use.layout == EMBEDDING:   # e = W[ids] * s: rows of A picked by the ids, against B
+            into, back = a, b * use.scale if use.scale != 1.0 else b
+        elif use.layout == CONV1D:    # y = x W, W (in x out): x (A B^T) = (x A) B^T
+            into, back = a.transpose(1, 2), b
+        else:                         # y = x W^T, W (out x in): x (A B^T)^T = (x B) A^T
+            into, back = b.transpose(1, 2), a
+        self.use = use
+        self.into = _dense(into)
+        self.back = _dense((back * coef.view(-1, 1, 1)).transpose(1, 2))
+        self.window: tuple = ()
+
+    def select(self, m0: int, m1: int, rows: int) -> None:
+        into = self.into[m0:m1]
+        if self.use.layout == EMBEDDING:  # member k's ids index the k-th table of the window
+            offsets = torch.arange(m1 - m0, device=into.device).view(-1, 1) * into.shape[1]
+            self.window = (m1 - m0, rows, into.reshape(-1, into.shape[-1]),
+                           self.back[m0:m1], offsets)
+        else:
+            self.window = (m1 - m0, rows, into.transpose(1, 2), self.back[m0:m1], None)
+
+
+def _hook(f: _Member):
+    """The module's output plus each row's own member's term: per member one thin product
+    with the input side and one with the output side (the batch is member-major, so member
+    k's rows are the k-th block of a view), added into the output in place: r*(in + out)
+    multiply-adds per row."""
+    device = f.back.device
+    embedding, outer = f.use.layout == EMBEDDING, f.back.shape[1] == 1
 
     def hook(module, inputs, output):
-        scales = current[key]
-        rows = scales.shape[0]
+        members, rows, into, back, offsets = f.window
         x = inputs[0]
         if x.device != device:  # a replica split across devices: accelerate moves the
             x = x.to(device)    # input inside forward, so a hook sees it where it was
-        low = low_of(x)
-        if output.shape[0] == rows:
-            low *= scales
-            # in place: the module's output is a fresh tensor that nothing else holds yet
-            output.view(-1, output.shape[-1]).addmm_(low.view(-1, low.shape[-1]), back)
-            return output
-        if output.shape[0] == 1:  # shared by every row (position embeddings of (1, seq))
-            return output + (low * scales) @ back
-        raise RuntimeError(f"lowrank: a batch of {output.shape[0]} rows where "
-                           f"{rows} (members x prompts) were expected")
+        if output.shape[0] != rows:
+            return _shared(f, x, output)
+        if embedding:  # one lookup in the window's tables, stacked
+            low = torch.nn.functional.embedding(x.reshape(members, -1) + offsets, into)
+        else:
+            low = torch.bmm(x.reshape(members, -1, x.shape[-1]), into)
+        # in place: the module's output is a fresh tensor that nothing else holds yet
+        out = output.view(members, -1, output.shape[-1])
+        if outer:  # rank 1: an outer product per member, cheaper as an elementwise op
+            out.addcmul_(low, back)
+        else:
+            out.baddbmm_(low, back)
+        return output
     return hook
 
 
-class Rows:
-    """Which rows of the population's batch the forward passes now see (micro-batches)."""
+def _shared(f: _Member, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """An output of one row shared by every row of the batch (position embeddings of
+    (1, seq)): each member's term, repeated over its rows, on a new tensor."""
+    members, rows, into, back, offsets = f.window
+    if output.shape[0] != 1 or rows == 1:
+        raise RuntimeError(f"lowrank: a batch of {output.shape[0]} rows where "
+                           f"{rows} (members x prompts) were expected")
+    x = x.expand(members, *x.shape[1:])
+    if offsets is not None:
+        low = torch.nn.functional.embedding(x.reshape(members, -1) + offsets, into)
+    else:
+        low = torch.bmm(x.reshape(members, -1, x.shape[-1]), into)
+    term = torch.bmm(low, back).repeat_interleave(rows // members, dim=0)
+    return output + term.view(rows, *output.shape[1:])
 
-    def __init__(self, scales_of: dict[tuple, torch.Tensor], current: dict[tuple, torch.Tensor]):
-        self._all = scales_of
-        self._current = current
-        self.select(0, next(iter(scales_of.values())).shape[0] if scales_of else 0)
+
+class Rows:
+    """Which rows of the population's batch the forward passes now see (micro-batches):
+    whole members, or a part of one member's rows."""
+
+    def __init__(self, factors: list[_Member], rows: int, members: int):
+        self._factors, self._rows, self._members = factors, rows, members
+        self.select(0, rows)
 
     def select(self, r0: int, r1: int) -> None:
-        """The next forward passes hold rows r0..r1-1 of the members x prompts batch."""
-        for key, scales in self._all.items():
-            self._current[key] = scales[r0:r1]
+        """The next forward passes hold rows r0..r1-1 of the members x prompts batch,
+        which are whole members' rows or a part of one member's (`unit` of
+        es_mpi.model.generate_rows)."""
+        per = self._rows // self._members
+        if r0 % per == 0 and (r1 % per == 0 or r1 == self._rows):
+            m0, m1 = r0 // per, -(-r1 // per)
+        elif r0 // per == (r1 - 1) // per:
+            m0, m1 = r0 // per, r0 // per + 1
+        else:
+            raise ValueError(f"rows {r0}..{r1 - 1} hold parts of several members "
+                             f"({per} rows each)")
+        for f in self._factors:
+            f.select(m0, m1, r1 - r0)
 
 
 @contextlib.contextmanager
@@ -214,29 +258,27 @@ def population(matrices: dict[str, list[Use]], master: dict[str, torch.Tensor],
     """Within the block, batch rows [k*P, (k+1)*P) of any forward pass see member k's
     perturbed weights (seeds[k], signs[k]), for P = rows // len(seeds); `rows` is the
     batch size of the forward passes (members x prompts). The block gets a `Rows`: its
-    `select(r0, r1)` runs the next passes on rows r0..r1-1 only (a micro-batch); each
-    row still sees its own member's weights."""
+    `select(r0, r1)` runs the next passes on rows r0..r1-1 only (a micro-batch of whole
+    members, or a part of one member's rows); each row still sees its own member's
+    weights."""
     if rows % len(seeds):
         raise ValueError(f"{rows} rows do not split into {len(seeds)} members")
     handles = []
-    scales_of: dict[tuple, torch.Tensor] = {}  # the row scales of a (device, dtype): one copy
-    current: dict[tuple, torch.Tensor] = {}    # those of the rows in the batch now
+    factors: list[_Member] = []
     try:
         for name, uses in matrices.items():
             theta = master[name]
             weight = uses[0].module.weight
             pairs = [noise.factors(seed, name, theta, "cpu") for seed in seeds]
-            a = torch.cat([a for a, _ in pairs], dim=1).to(weight.device, weight.dtype)
-            b = torch.cat([b for _, b in pairs], dim=1).to(weight.device, weight.dtype)
-            key = (weight.device, weight.dtype)
-            if key not in scales_of:
-                coef = torch.tensor([sign * sigma * noise.scale for sign in signs],
-                                    dtype=weight.dtype, device=weight.device)
-                scales_of[key] = _row_scales(coef, noise.rank, rows)
+            a = torch.stack([a for a, _ in pairs]).to(weight.device, weight.dtype)
+            b = torch.stack([b for _, b in pairs]).to(weight.device, weight.dtype)
+            coef = torch.tensor([sign * sigma * noise.scale for sign in signs],
+                                dtype=weight.dtype, device=weight.device)
             for use in uses:
-                handles.append(use.module.register_forward_hook(
-                    _hook(use, a, b, current, key)))
-        yield Rows(scales_of, current)
+                f = _Member(use, a, b, coef)
+                factors.append(f)
+                handles.append(use.module.register_forward_hook(_hook(f)))
+        yield Rows(factors, rows, len(seeds))
     finally:
         for handle in handles:
             handle.remove()

@@ -248,22 +248,34 @@ def generate(model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: i
     return texts, tokens
 
 
+def micro_batches(n: int, limit: int, unit: int = 1) -> list[tuple[int, int]]:
+    """Rows 0..n-1 cut into (r0, r1) spans of at most `limit` rows (0 = all in one) that
+    never split a block of `unit` rows unless one block alone exceeds the limit: then
+    each block is cut on its own. (unit: lowrank's rows per member.)"""
+    if limit <= 0 or limit >= n:
+        return [(0, n)]
+    if limit >= unit:
+        step = limit // unit * unit
+        return [(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
+    return [(r0, min(b + unit, r0 + limit))
+            for b in range(0, n, unit) for r0 in range(b, min(n, b + unit), limit)]
+
+
 def generate_rows(model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: int,
                   limit: int, ignore_eos: bool = False,
-                  select: Callable[[int, int], None] | None = None
+                  select: Callable[[int, int], None] | None = None, unit: int = 1
                   ) -> tuple[list[str], list[int]]:
-    """`generate` (greedy) on the batch's rows in micro-batches of at most `limit` rows.
+    """`generate` (greedy) on the batch's rows in micro-batches of at most `limit` rows
+    (`micro_batches`: blocks of `unit` rows stay whole where the limit allows).
 
     The rows keep the batch's padding, so each row is computed exactly as in one call.
     `select(r0, r1)` runs before the micro-batch of rows r0..r1-1 (lowrank mode points
     its hooks at those rows' members).
     """
     n = batch["input_ids"].shape[0]
-    limit = n if limit <= 0 else limit
     texts: list[str] = []
     tokens: list[int] = []
-    for r0 in range(0, n, limit):
-        r1 = min(n, r0 + limit)
+    for r0, r1 in micro_batches(n, limit, unit):
         if select is not None:
             select(r0, r1)
         part = batch if (r0, r1) == (0, n) else {k: v[r0:r1] for k, v in batch.items()}

@@ -69,10 +69,11 @@ class Session:
     def sync(self) -> None:
         memory.sync(self.devices)
 
-    def generate(self, batch: dict, select=None) -> tuple[list[str], list[int]]:
-        """Greedy completions of the batch's rows, in micro-batches of generate_batch."""
+    def generate(self, batch: dict, select=None, unit: int = 1) -> tuple[list[str], list[int]]:
+        """Greedy completions of the batch's rows, in micro-batches of generate_batch
+        (blocks of `unit` rows kept whole where they fit)."""
         return hf.generate_rows(self.model, self.tokenizer, batch, self.cfg.max_new_tokens,
-                                self.cfg.generate_batch, self.ignore_eos, select)
+                                self.cfg.generate_batch, self.ignore_eos, select, unit)
 
 
 def check_task(cfg: Config) -> tuple[Task, list]:

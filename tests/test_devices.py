@@ -53,6 +53,27 @@ def test_results_do_not_depend_on_the_micro_batch(tiny_model, mode, tmp_path):
         assert json.loads(f.attrs["config"])["generate_batch"] == 3  # recorded as given
 
 
+@pytest.mark.parametrize("n,unit", [(12, 3), (8, 2), (7, 1), (10, 5)])
+def test_micro_batches_cover_the_rows_and_keep_members_whole(n, unit):
+    """Every row once, in order, at most `limit` per call; a call holds whole blocks of
+    `unit` rows (lowrank's members), or, where one block exceeds the limit, part of one."""
+    from es_mpi.model import micro_batches
+
+    for limit in range(0, n + 2):
+        spans = micro_batches(n, limit, unit)
+        assert [r for r0, r1 in spans for r in range(r0, r1)] == list(range(n)), limit
+        for r0, r1 in spans:
+            assert r1 - r0 <= (limit or n), (limit, r0, r1)
+            blocks = {r // unit for r in range(r0, r1)}
+            whole = all(b * unit >= r0 and (b + 1) * unit <= r1 for b in blocks)
+            assert whole or (len(blocks) == 1 and limit < unit), (limit, r0, r1)
+        # as few calls as that allows: whole blocks where a block fits
+        per_call = n if not limit or limit >= n else (
+            limit // unit * unit if limit >= unit else limit)
+        want = -(-n // per_call) if limit >= unit or not limit else n // unit * -(-unit // limit)
+        assert len(spans) == want, (limit, spans)
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_master_in_host_memory_gives_the_same_weights(tiny_model, mode, tmp_path):
     """--master host stages every tensor through a separate buffer for perturb and update:
