@@ -15,10 +15,12 @@ layouts this module knows: any other module holding a weight of two or more dime
 (a subclass that changes its forward, a quantized layer, a fused expert tensor) is refused
 by name, so nothing is ever skipped silently. Norms and biases (1-D) stay frozen.
 
-The batch is member-major (member 0's prompts, then member 1's, ...). Each hook does two
-thin GEMMs against all members' factors side by side, masked so a row keeps only its own
-member's columns. The weights stay untouched: every member and every prompt share one
-`generate` call. Tied weights (an embedding reused as the LM head) are one parameter, so
+The batch is member-major (member 0's prompts, then member 1's, ...), so member k's rows
+are the k-th block of a (members, rows per member, ...) view: each hook multiplies each
+member's block by that member's factors only (one batched product per side, r*(in + out)
+multiply-adds per row) and adds the result into the module's output in place. The
+weights stay untouched: every member and every prompt share one `generate` call, and a
+micro-batch holds whole members or part of one (`Rows.select`). Tied weights (an embedding reused as the LM head) are one parameter, so
 both uses get the same factors, as the materialized W + sigma A B^T / sqrt(r) would.
 """
 

@@ -424,11 +424,11 @@ def _terms(shape: Shape, s: Settings, micro: int) -> tuple[dict[str, int], dict[
     # evaluation phase: one group's generate
     if lowrank:
         cols = s.members * s.rank
+        largest_pair = max((a + b for a, b in shape.matrices), default=0) * cols
         dev["lowrank_factors"] = (sum(a + b for a, b in shape.matrices) * cols * eb
-                                  + s.rows * cols * eb)          # and the row scales
+                                  + largest_pair * eb)  # and one matrix's stacked draws
         # drawn in fp32 on the CPU, then concatenated, a matrix at a time
-        (host if cuda else dev)["lowrank_factors"] += \
-            max((a + b for a, b in shape.matrices), default=0) * cols * FP32 * 2
+        (host if cuda else dev)["lowrank_factors"] += largest_pair * FP32 * 2
     gen = generate_bytes(shape.dims, s.replica_dtype, micro, s.prompt_tokens,
                          s.max_new_tokens, s.device)
     dev["kv_cache"], dev["activations"] = gen["kv_cache"], gen["activations"]

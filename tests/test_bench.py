@@ -10,8 +10,12 @@ from conftest import run_cli
 
 
 def test_bench_runs_every_mode_and_writes_json(tiny_model, tmp_path):
+    """--prompts left at its default: all of the task's training prompts, as train does."""
+    from tasks import get_task
+
     out = tmp_path / "bench.json"
-    result = run_cli(["bench", "--model", tiny_model, "--population", "4", "--prompts", "2",
+    n_train = len(get_task("conciseness").train_examples())
+    result = run_cli(["bench", "--model", tiny_model, "--population", "4",
                       "--max-new-tokens", "3", "--threads", "1", "--antithetic",
                       "--repeat", "2", "--json", out])
     assert result.returncode == 0, result.stderr
@@ -20,7 +24,7 @@ def test_bench_runs_every_mode_and_writes_json(tiny_model, tmp_path):
     assert list(modes) == ["inference", "lowrank", "full", "paper"]
     for mode, r in modes.items():
         # EOS ignored: every mode generated N x P x T tokens
-        assert r["tokens"] == 4 * 2 * 3, mode
+        assert r["prompts"] == n_train == 2 and r["tokens"] == 4 * n_train * 3, mode
         assert r["seconds"] > 0 and r["peak_rss_bytes"] > r["model_bytes"] > 0
         assert r["threads"] == 1
     # times and ratios come from 2 interleaved rounds: medians of the rounds' own figures
@@ -42,6 +46,7 @@ def test_bench_runs_every_mode_and_writes_json(tiny_model, tmp_path):
     # rows of 48 B, and 4 int64 per rank (checksum, stop signal, two peak-memory figures)
     assert report["comm_bytes_per_rank"]["2"] == {"sent": 2 * 48 + 32, "received": 4 * 48 + 64}
     assert "| lowrank |" in result.stdout and "x inference" in result.stdout
+    assert "4 members x 2 prompts x 3 new tokens" in result.stdout
 
 
 def test_bench_bad_mode_is_one_error_line(tiny_model):
