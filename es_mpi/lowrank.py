@@ -20,8 +20,9 @@ are the k-th block of a (members, rows per member, ...) view: each hook multipli
 member's block by that member's factors only (one batched product per side, r*(in + out)
 multiply-adds per row) and adds the result into the module's output in place. The
 weights stay untouched: every member and every prompt share one `generate` call, and a
-micro-batch holds whole members or part of one (`Rows.select`). Tied weights (an embedding reused as the LM head) are one parameter, so
-both uses get the same factors, as the materialized W + sigma A B^T / sqrt(r) would.
+micro-batch holds whole members or part of one (`Rows.select`). Tied weights (an
+embedding reused as the LM head) are one parameter, so both uses get the same factors,
+as the materialized W + sigma A B^T / sqrt(r) would.
 """
 
 from __future__ import annotations

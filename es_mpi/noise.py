@@ -129,15 +129,12 @@ class LowRankNoise:
     def add_update_(self, theta: torch.Tensor, name: str, terms: list[tuple[int, float]],
                     alpha: float, work: torch.Tensor) -> None:
         """theta += alpha * sum_j c_j A_j B_j^T / sqrt(r): one (out x Kr) @ (Kr x in)
-        product, computed a block of rows at a time."""
+        product added into theta by the GEMM itself (addmm_: one pass over theta and no
+        work space; `work` is unused here)."""
         pairs = [self.factors(seed, name, theta, "cpu") for seed, _ in terms]
         coef = torch.tensor([c * self.scale for _, c in terms], dtype=torch.float32,
                             device=theta.device)
         a = torch.cat([a for a, _ in pairs], dim=1).to(theta.device)
         a = a * coef.repeat_interleave(self.rank)
         b = torch.cat([b for _, b in pairs], dim=1).to(theta.device)
-        rows = max(1, NOISE_CHUNK // theta.shape[1])
-        for r0 in range(0, theta.shape[0], rows):
-            block = theta[r0:r0 + rows]
-            acc = work[:block.numel()].view(block.shape)
-            block.add_(torch.mm(a[r0:r0 + rows], b.T, out=acc), alpha=alpha)
+        theta.addmm_(a, b.T, alpha=alpha)
