@@ -251,6 +251,31 @@ def test_lowrank_same_weights_with_one_and_two_ranks_and_after_resume(tiny_model
     assert d and all(v.ndim == 2 for v in d.values())
     assert all(np.abs(v).max() > 0 for v in d.values())
 
+    # replay in lowrank mode: without checkpoints, a resume rebuilds generations 0-2 from
+    # the logged seeds and rewards on the base model, then runs 3 and 4
+    replayed = tmp_path / "replayed.h5"
+    shutil.copy(tmp_path / "l2.h5", replayed)
+    with h5py.File(replayed, "r+") as f:
+        f.attrs["complete_generations"] = 3
+        for name in list(f["checkpoints"]):
+            del f["checkpoints"][name]
+    result = run_cli(["resume", replayed, "--generations", "5"])
+    assert result.returncode == 0, result.stderr
+    assert_same_trajectory(replayed, tmp_path / "l2.h5")
+
+    # export: the exported weights are the ones the run recorded (its checksum covers the
+    # trained tensors, the matrices; the rest must still be the base model's)
+    from transformers import AutoModelForCausalLM
+
+    assert run_cli(["export", tmp_path / "l2.h5", tmp_path / "out"]).returncode == 0
+    params = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "out",
+                                                       dtype=torch.float32).named_parameters())
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model,
+                                                     dtype=torch.float32).named_parameters())
+    assert all(torch.equal(params[k], base[k]) for k in params if k not in d)
+    got = checksum({k: p for k, p in params.items() if k in d})  # in model order
+    assert f"{got:016x}" == f"{int(rows(tmp_path / 'l2.h5')['checksum'][-1]):016x}"
+
 
 def test_lowrank_antithetic_bf16_two_ranks_match_one(tiny_model, tmp_path):
     extra = [*LOWRANK, "--population", "4", "--antithetic", "--dtype", "bfloat16",

@@ -40,18 +40,27 @@ def checkpoints(path):
         return sorted(int(k) for k in f["checkpoints"])
 
 
-def reference(tiny_model, path, generations):
-    result = run_cli(["train", "--model", tiny_model, "--run", path, *ARGS,
+def reference(tiny_model, path, generations, extra=()):
+    result = run_cli(["train", "--model", tiny_model, "--run", path, *ARGS, *extra,
                       "--generations", generations])
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_signal_to_mpiexec_stops_cleanly_and_resumes_exactly(tiny_model, tmp_path, sig):
+# The SIGTERM case also runs lowrank mode with a sampled prompt batch (1 of the task's 2
+# training prompts per generation) and weight decay toward the initial weights: a stop,
+# a resume on another rank count, and all three must still give the same weights.
+# (seed 1 samples both prompts within the first 2 generations)
+LOWRANK_SAMPLED_DECAY = ["--mode", "lowrank", "--member-batch", "2", "--batch-size", "1",
+                         "--weight-decay", "0.5", "--decay-to", "init", "--seed", "1"]
+
+
+@pytest.mark.parametrize("sig,extra", [(signal.SIGUSR1, []),
+                                       (signal.SIGTERM, LOWRANK_SAMPLED_DECAY)])
+def test_signal_to_mpiexec_stops_cleanly_and_resumes_exactly(tiny_model, tmp_path, sig, extra):
     need_mpiexec()
     run = tmp_path / "run.h5"
     proc = subprocess.Popen([MPIEXEC, "-n", "2", ES_MPI, "train", "--model", str(tiny_model),
-                             "--run", str(run), *ARGS, "--generations", "500"],
+                             "--run", str(run), *ARGS, *extra, "--generations", "500"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=cli_env())
     deadline = time.time() + 120
@@ -70,8 +79,10 @@ def test_signal_to_mpiexec_stops_cleanly_and_resumes_exactly(tiny_model, tmp_pat
     target = done + 1
     resumed = run_cli(["resume", run, "--generations", target])
     assert resumed.returncode == 0, resumed.stderr
-    reference(tiny_model, tmp_path / "ref.h5", target)
+    reference(tiny_model, tmp_path / "ref.h5", target, extra)
     assert_same_trajectory(run, tmp_path / "ref.h5")
+    if extra:  # the batch was sampled: not every generation scored the same prompt
+        assert len(set(rows(run)["prompt_ids"][:, 0].tolist())) == 2
 
 
 SIGNAL_ON_RANK1 = textwrap.dedent("""
