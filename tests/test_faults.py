@@ -187,15 +187,19 @@ def reference(tiny_model, tmp_path_factory) -> Path:
 
 # -- 1. a killed rank --------------------------------------------------------------------
 
-@pytest.mark.parametrize("victim", [1, 0])
+LOWRANK = ["--mode", "lowrank", "--member-batch", "2"]
+
+
+@pytest.mark.parametrize("victim,mode", [(1, "full"), (0, "lowrank")])
 def test_sigkill_of_a_rank_ends_the_job_and_resume_is_exact(reference, tiny_model, tmp_path,
-                                                            victim):
+                                                            victim, mode):
     """SIGKILL one rank at an arbitrary point of a 2-rank run (a dead node): the launcher
     ends the job within seconds, the run file holds every generation committed before the
     kill (and refuses a second writer while the job runs), and a resume ends identical to
-    the uninterrupted run."""
+    the uninterrupted run (lowrank: one made here, as long as the resume)."""
     run = tmp_path / "run.h5"
-    train = ["train", "--model", tiny_model, "--run", run, *ARGS, "--generations", 500]
+    extra = LOWRANK if mode == "lowrank" else []
+    train = ["train", "--model", tiny_model, "--run", run, *ARGS, *extra, "--generations", 500]
     with Job(tmp_path, train) as job:
         job.wait_for(run, 6)
         if victim == 1:  # one writer at a time: a second run on the file is refused
@@ -209,12 +213,17 @@ def test_sigkill_of_a_rank_ends_the_job_and_resume_is_exact(reference, tiny_mode
     while alive(pids[1 - victim]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(pids[1 - victim]), "the surviving rank is still running"
-    done = assert_prefix_of_reference(run, reference)
-    assert done >= 6
+    done = committed(run)
+    target = next_checkpoint(done)
+    if mode == "lowrank":
+        reference = tmp_path / "lowrank_reference.h5"
+        made = run_cli(["train", "--model", tiny_model, "--run", reference, *ARGS, *extra,
+                        "--generations", target + 1, "--keep-checkpoints", "100"])
+        assert made.returncode == 0, made.stderr
+    assert assert_prefix_of_reference(run, reference) == done >= 6
     info = runfile.read_info(run)
     assert info.complete_generations == done and info.checkpoints[-1] <= done
 
-    target = next_checkpoint(done)
     resumed = run_cli(["resume", run, "--generations", target])  # on one rank
     assert resumed.returncode == 0, resumed.stderr
     assert_matches_reference(run, reference, target)
