@@ -52,7 +52,7 @@ def es_update_(master: Mapping[str, torch.Tensor], seeds_n: np.ndarray, signs_n:
     noise = noise or FullNoise()
     n = len(z_n)
     terms = [(s, c) for s, c in noise_coefficients(seeds_n, signs_n, z_n) if c != 0.0]
-    if terms and work is None:
+    if terms and work is None and noise.needs_work:
         work = _work(master)
     for name, theta in master.items():
         if weight_decay:
@@ -62,7 +62,8 @@ def es_update_(master: Mapping[str, torch.Tensor], seeds_n: np.ndarray, signs_n:
                 theta.sub_(theta - anchor[name].to(theta.device, torch.float32),
                            alpha=lr * weight_decay)
         if terms:
-            noise.add_update_(theta, name, terms, lr / n, work[theta.device])
+            noise.add_update_(theta, name, terms, lr / n,
+                              work[theta.device] if work is not None else None)
 
 
 def checksum(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -181,7 +182,7 @@ class Replica:
             es_update_(self.master, seeds_n, signs_n, z_n, lr, weight_decay, anchor,
                        self.noise)
         else:  # tensor by tensor on its device, then back to the host master
-            if self._work is None:
+            if self._work is None and self.noise.needs_work:
                 self._work = _work(self.params)
             for name, host in self.master.items():
                 theta = self._staged(name)

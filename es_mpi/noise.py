@@ -94,6 +94,7 @@ class FullNoise:
     """Member noise eps_i: an independent standard normal per tensor (es_mpi.noise)."""
 
     name = "full"
+    needs_work = True  # add_update_ sums the noise in two fp32 chunks of work space
 
     def add_update_(self, theta: torch.Tensor, name: str, terms: list[tuple[int, float]],
                     alpha: float, work: torch.Tensor) -> None:
@@ -111,6 +112,7 @@ class LowRankNoise:
     """Member noise of a matrix: A_i @ B_i.T / sqrt(r) (EGGROLL), thin factors from the seed."""
 
     name = "lowrank"
+    needs_work = False  # add_update_ adds its product in place, no work space
 
     def __init__(self, rank: int):
         self.rank = rank
@@ -127,10 +129,10 @@ class LowRankNoise:
         return 1.0 / math.sqrt(self.rank)
 
     def add_update_(self, theta: torch.Tensor, name: str, terms: list[tuple[int, float]],
-                    alpha: float, work: torch.Tensor) -> None:
+                    alpha: float, work: torch.Tensor | None = None) -> None:
         """theta += alpha * sum_j c_j A_j B_j^T / sqrt(r): one (out x Kr) @ (Kr x in)
         product added into theta by the GEMM itself (addmm_: one pass over theta and no
-        work space; `work` is unused here)."""
+        work space, see needs_work)."""
         pairs = [self.factors(seed, name, theta, "cpu") for seed, _ in terms]
         coef = torch.tensor([c * self.scale for _, c in terms], dtype=torch.float32,
                             device=theta.device)

@@ -418,8 +418,8 @@ def _terms(shape: Shape, s: Settings, micro: int) -> tuple[dict[str, int], dict[
     # the second chunk only once an update wrote it.
     chunk = NOISE_CHUNK if cuda else min(NOISE_CHUNK, largest)
     work = 2 * chunk * FP32
-    if not lowrank or on_host:  # the Replica's, made by the first perturbation (full) or
-        dev["noise_work"] = work if cuda else chunk * FP32   # staged update, then kept
+    if not lowrank:  # the Replica's, made by the first perturbation, then kept (lowrank's
+        dev["noise_work"] = work if cuda else chunk * FP32   # update needs none)
 
     # evaluation phase: one group's generate
     if lowrank:
