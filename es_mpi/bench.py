@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,7 +48,7 @@ class Runner:
         from es_mpi.session import check_task, decide_batches, open_session, prompt_ids_for
 
         self.mode = mode
-        tmp = Path(tempfile.mkdtemp(prefix="es-mpi-bench-"))
+        self.tmp = tmp = Path(tempfile.mkdtemp(prefix="es-mpi-bench-"))
         cfg = Config(model=opts["model"], task=opts["task"], task_data=opts["task_data"],
                      population=opts["population"], batch_size=opts["prompts"],
                      max_new_tokens=opts["max_new_tokens"], sigma=opts["sigma"],
@@ -87,6 +88,13 @@ class Runner:
         for rows in (1, self.cfg.population):
             hf.generate(self.model, self.tokenizer,
                         {k: v.repeat(rows, 1) for k, v in self.batch.items()}, 2)
+
+    def close(self) -> None:
+        """Close the run file and remove the temporary directory it lives in."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def once(self) -> tuple[float, int, dict[str, float], dict | None]:
         """One generation: (seconds, tokens generated, seconds per phase, run-file row)."""
@@ -177,15 +185,16 @@ def run_mode(mode: str, opts: dict) -> dict:
         result["checkpoint_seconds"] = time.perf_counter() - t
         result["checkpoint_peak_rss_bytes"] = peak_rss_bytes()
         result["comm_bytes_per_rank_formula"] = comm_bytes(cfg.population, 1)
-        run.writer.close()
+    run.close()
     return result
 
 
 def run_repeats(modes: tuple[str, ...], opts: dict, repeat: int) -> dict:
     """Every mode in this one process on one loaded model, `repeat` rounds, interleaved
-    (round r runs each mode once, in order): seconds per round and mode, and each
-    round's ratio to the same round's pure inference, so a slow spell of the machine
-    hits the modes of a round alike."""
+    (round r runs each mode once, in order, every other round in reverse order, so a
+    machine that drifts slower or faster does not favour the modes run first): seconds
+    per round and mode, and each round's ratio to the same round's pure inference, so a
+    slow spell of the machine hits the modes of a round alike."""
     import torch
 
     from es_mpi.dist import return_freed_memory
@@ -201,14 +210,15 @@ def run_repeats(modes: tuple[str, ...], opts: dict, repeat: int) -> dict:
         run.warm_up()
     seconds: dict[str, list[float]] = {m: [] for m in modes}
     phases: dict[str, list[dict]] = {m: [] for m in modes}
-    for _ in range(repeat):
-        for mode in modes:
-            took, _, split, _ = runs[mode].once()
-            seconds[mode].append(took)
-            phases[mode].append(split)
-    for run in runs.values():
-        if run.writer is not None:
-            run.writer.close()
+    try:
+        for r in range(repeat):
+            for mode in (modes if r % 2 == 0 else modes[::-1]):
+                took, _, split, _ = runs[mode].once()
+                seconds[mode].append(took)
+                phases[mode].append(split)
+    finally:
+        for run in runs.values():
+            run.close()
     return {"seconds": seconds, "phases": phases}
 
 
