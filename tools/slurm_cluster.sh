@@ -6,7 +6,8 @@
 #                                             # wait until every node is idle
 #   tools/slurm_cluster.sh status [--nodes N] # daemons and sinfo
 #   tools/slurm_cluster.sh stop [--nodes N]   # cancel all jobs, shut down, end only our
-#                                             # daemons (and remove our namespaces)
+#                                             # daemons (and remove our namespaces); no
+#                                             # --nodes: both kinds, where they run
 #
 # --nodes 1 (the default): one node, `localhost`, daemons on this machine's network.
 # --nodes N >= 2: N hosts on one machine. Each node is a Linux network namespace
@@ -29,12 +30,13 @@
 set -euo pipefail
 
 NODES=1
+NODES_GIVEN=
 CMD=${1:-}
 [[ $# -gt 0 ]] && shift
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --nodes) NODES=${2:-}; shift 2 || true ;;
-        --nodes=*) NODES=${1#--nodes=}; shift ;;
+        --nodes) NODES=${2:-}; NODES_GIVEN=1; shift 2 || true ;;
+        --nodes=*) NODES=${1#--nodes=}; NODES_GIVEN=1; shift ;;
         *) echo "slurm_cluster: error: unknown option '$1' (usage: $0 start|stop|status [--nodes N])" >&2
            exit 2 ;;
     esac
@@ -423,6 +425,16 @@ status() {
 
 # stop and status act on the cluster in $DIR, whatever --nodes said
 if [[ $CMD != start && -s $DIR/nodes ]]; then NODES=$(<"$DIR/nodes"); fi
+
+# a plain `stop` (no --nodes, no ES_MPI_SLURM_DIR) stops both kinds, where they run
+if [[ $CMD == stop && -z $NODES_GIVEN && -z ${ES_MPI_SLURM_DIR:-} ]]; then
+    "$0" stop --nodes 1
+    if [[ -d /tmp/es-mpi-slurm-multinode/run || -n $(our_namespaces) ]] \
+            || ip link show "$BRIDGE" >/dev/null 2>&1; then
+        "$0" stop --nodes 2
+    fi
+    exit 0
+fi
 
 case $CMD in
     start) start ;;
