@@ -32,7 +32,7 @@ from test_slurm import FINAL, JOB_TIMEOUT, job_info, read, slurm, start_cluster,
 pytestmark = pytest.mark.slurm
 
 SCRIPT = "slurm/es_mpi_multinode.sbatch"
-GENERATIONS = 12
+GENERATIONS = 30  # generations take ~0.1 s: enough that a signal or a kill lands mid-run
 CONFIG = f"""\
 population = 4
 max_new_tokens = 4
