@@ -10,18 +10,24 @@ as a user would, 2 ranks under srun --mpi=pmi2, on a tiny model:
   bit-identical to the uninterrupted job;
 - bad input fails the job with status 2, without requeueing it.
 
+A job that pends for a reason other than waiting its turn (a node down or drained, a
+request no node can meet) fails its test at once with the scheduler's reason (wait_job).
+tests/test_slurm_multinode.py reuses these helpers on a two-node cluster.
+
 The module is skipped where Slurm cannot run (not installed and not installable, or the
 cluster does not start), unless ES_MPI_REQUIRE_SLURM=1 (CI) makes that a failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -62,27 +68,46 @@ def _installable() -> bool:
             and shutil.which("apt-get") is not None)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> dict[str, str]:
-    """A running one-node cluster; the environment for sbatch & co. (SLURM_CONF, PATH)."""
+@contextlib.contextmanager
+def start_cluster(nodes: int = 1) -> Iterator[dict[str, str]]:
+    """Start tools/slurm_cluster.sh with `nodes` nodes (unless it runs already); gives
+    the environment for sbatch & co. (SLURM_CONF, PATH) and stops the cluster afterwards,
+    if this started it, whatever the tests did."""
     daemons = ("sbatch", "scontrol", "slurmctld", "slurmd", "munged")
     if not all(shutil.which(d) or Path("/usr/sbin", d).exists() for d in daemons) \
             and not _installable():
         _unavailable("Slurm (slurmctld slurmd slurm-client munge) is not installed; "
                      "install it (tools/slurm_cluster.sh start does, as root on Debian)")
-    status = subprocess.run([CLUSTER, "status"], capture_output=True, text=True)
+    if nodes > 1 and (os.geteuid() != 0 or not shutil.which("ip")):
+        _unavailable(f"a {nodes}-node cluster needs root and ip (network namespaces)")
+    size = ["--nodes", str(nodes)]
+    status = subprocess.run([CLUSTER, "status", *size], capture_output=True, text=True)
     ours = status.returncode != 0  # already running: leave it running afterwards
-    start = subprocess.run([CLUSTER, "start"], capture_output=True, text=True, timeout=600)
-    if start.returncode != 0:
-        _unavailable(f"tools/slurm_cluster.sh start failed:\n{start.stdout}{start.stderr}")
-    conf = re.search(r"export SLURM_CONF=(\S+)", start.stdout)
-    assert conf, start.stdout + start.stderr
-    env = {k: v for k, v in cli_env().items() if not k.startswith(("SLURM_", "SBATCH_"))}
-    env.update(SLURM_CONF=conf.group(1), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    yield env
-    if ours:
-        stop = subprocess.run([CLUSTER, "stop"], capture_output=True, text=True, timeout=300)
-        assert stop.returncode == 0, stop.stdout + stop.stderr
+    t0 = time.monotonic()
+    try:
+        start = subprocess.run([CLUSTER, "start", *size], capture_output=True, text=True,
+                               timeout=600)
+        if start.returncode != 0:
+            _unavailable(f"tools/slurm_cluster.sh start {' '.join(size)} failed:\n"
+                         f"{start.stdout}{start.stderr}")
+        print(f"\n{nodes}-node cluster up in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        conf = re.search(r"export SLURM_CONF=(\S+)", start.stdout)
+        assert conf, start.stdout + start.stderr
+        env = {k: v for k, v in cli_env().items() if not k.startswith(("SLURM_", "SBATCH_"))}
+        env.update(SLURM_CONF=conf.group(1), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+        yield env
+    finally:
+        if ours:
+            stop = subprocess.run([CLUSTER, "stop", *size], capture_output=True, text=True,
+                                  timeout=300)
+            assert stop.returncode == 0, stop.stdout + stop.stderr
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict[str, str]:
+    """A running one-node cluster; the environment for sbatch & co."""
+    with start_cluster(1) as env:
+        yield env
 
 
 def slurm(env, *args: str) -> str:
@@ -91,16 +116,19 @@ def slurm(env, *args: str) -> str:
     return result.stdout
 
 
-def submit(env, tmp_path: Path, run: Path, args: str = "") -> tuple[str, Path]:
-    """sbatch the CPU job script from the repo root, 2 ranks; returns (job id, its log)."""
-    config = tmp_path / "run.toml"
-    config.write_text(CONFIG)
-    job_env = dict(env, ES_MPI_CONFIG=str(config), ES_MPI_MODEL=str(env["TINY_MODEL"]),
-                   ES_MPI_RUN=str(run), ES_MPI_ARGS=args, ES_MPI_TIMEOUT="180")
-    out = slurm(job_env, "sbatch", "--parsable", "--export=ALL", "--ntasks=2",
-                "--cpus-per-task=1", f"--output={tmp_path}/slurm-%x-%j.out", JOB_SCRIPT)
+def submit(env, tmp_path: Path, run: Path, args: str = "", script: str = JOB_SCRIPT,
+           options: tuple[str, ...] = ("--ntasks=2",), config: str = CONFIG,
+           ) -> tuple[str, Path]:
+    """sbatch a job script from the repo root (default: the CPU one, 2 ranks); returns
+    (job id, its log)."""
+    (tmp_path / "run.toml").write_text(config)
+    job_env = dict(env, ES_MPI_CONFIG=str(tmp_path / "run.toml"),
+                   ES_MPI_MODEL=str(env["TINY_MODEL"]), ES_MPI_RUN=str(run),
+                   ES_MPI_ARGS=args, ES_MPI_TIMEOUT="180")
+    out = slurm(job_env, "sbatch", "--parsable", "--export=ALL", *options,
+                "--cpus-per-task=1", f"--output={tmp_path}/slurm-%x-%j.out", script)
     job = out.strip().split(";")[0]
-    return job, tmp_path / f"slurm-es-mpi-cpu-{job}.out"
+    return job, tmp_path / f"slurm-{job_info(env, job)['JobName']}-{job}.out"
 
 
 def job_info(env, job: str) -> dict[str, str]:
@@ -122,15 +150,27 @@ def old_steps_gone(job: str, seconds: float = 10) -> None:
         time.sleep(0.1)
 
 
+# Why a job may wait and still run soon; any other reason it pends for (nodes down or
+# drained, a partition limit, a held job) fails the test at once instead of waiting
+WAITING = {"None", "Priority", "Resources", "BeginTime", "Dependency", "Prolog",
+           "JobArrayTaskLimit"}
+
+
 def wait_job(env, job: str, log: Path, timeout: float = JOB_TIMEOUT) -> dict[str, str]:
     """Poll scontrol until the job ends. A requeued job waits 120 s before it may start
-    again: once it is pending for its begin time, move that to now."""
+    again: once it is pending for its begin time, move that to now. A job that cannot be
+    scheduled is cancelled and fails the test with the scheduler's reason."""
     end = time.monotonic() + timeout
     bumped = 0.0
     while True:
         info = job_info(env, job)
         if info["JobState"] in FINAL:
             return info
+        if info["JobState"] == "PENDING":
+            reason = slurm(env, "squeue", "-h", "-j", job, "-o", "%r").strip()
+            if reason and reason not in WAITING:
+                subprocess.run(["scancel", job], env=env)
+                pytest.fail(f"job {job} cannot be scheduled: {reason}")
         if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime" \
                 and time.monotonic() - bumped > 3:
             old_steps_gone(job)
