@@ -427,7 +427,7 @@ def _diagnostics_text(run: Run) -> str | None:
     """Mean over the generations (and the last value) of each recorded diagnostic."""
     parts = []
     for name, text in (("pair_disagree", "pairs with unequal rewards"),
-                       ("pair_gap", "mean |r+ - r-|"),
+                       ("pair_gap", "mean pair gap r+ vs r-"),
                        ("distinct_rewards", "distinct rewards / N"),
                        ("update_coef_norm", "update RMS per weight (expected)")):
         values = run.gens.get(name)

@@ -146,6 +146,14 @@ def test_train_records_kl_to_the_base_model(kl_run, tiny_model, tmp_path):
     info = json.loads(run_cli(["inspect", path, "--json"]).stdout)
     assert [e["kl"] for e in info["evals"]] == evals["kl"].tolist()
     assert "KL to base" in run_cli(["inspect", path]).stdout
+    from es_mpi import report
+
+    report.write_report([path], tmp_path / "rep")
+    summary = (tmp_path / "rep" / "summary.md").read_text()
+    kl_row = next(ln for ln in summary.splitlines() if ln.startswith("| held-out KL"))
+    assert f"{evals['kl'][2]:.4g} after 3 generations" in kl_row
+    diag = next(ln for ln in summary.splitlines() if ln.startswith("| diagnostics"))
+    assert diag.count("|") == 3  # one table row of two cells: no stray pipes inside
 
 
 def test_eval_kl_bad_base_is_one_line(tiny_model, tmp_path):
