@@ -89,7 +89,12 @@ def kl_base_model(s: Session, path: str | None = None) -> torch.nn.Module:
     if s.kl_base is None:
         dtype = next(s.model.parameters()).dtype
         name = next(k for k, v in hf.DTYPES.items() if v == dtype)
-        s.kl_base = hf.load_model(path or s.cfg.model, name, s.devices)[0]
+        base = hf.load_model(path or s.cfg.model, name, s.devices)[0]
+        vocab, base_vocab = (m.get_output_embeddings().weight.shape[0] for m in (s.model, base))
+        if vocab != base_vocab:
+            raise EsError(f"base model {path or s.cfg.model} has {base_vocab} output tokens and "
+                          f"the evaluated model {vocab}: KL needs the same vocabulary")
+        s.kl_base = base
     return s.kl_base
 
 

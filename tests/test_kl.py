@@ -160,6 +160,14 @@ def test_eval_kl_bad_base_is_one_line(tiny_model, tmp_path):
     bad = run_cli(["eval", tiny_model, "--base", tmp_path / "none", "--limit", "1"])
     assert bad.returncode == 2 and "does not exist" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    other = tmp_path / "other_vocab"
+    model, tok = _load(tiny_model)
+    model.resize_token_embeddings(len(tok) + 8)
+    model.save_pretrained(other)
+    tok.save_pretrained(other)
+    bad = run_cli(["eval", tiny_model, "--base", other, "--limit", "1", "--max-new-tokens", "2"])
+    assert bad.returncode == 2 and "KL needs the same vocabulary" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def _independent_diagnostics(rewards, seeds, signs, lr):
