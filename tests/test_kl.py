@@ -242,3 +242,21 @@ def test_lowrank_run_records_kl_too(tiny_model, tmp_path):
     assert result.returncode == 0, result.stderr
     assert np.isnan(runfile.read_evals(off)["kl"]).all()
     assert "KL to base" not in result.stdout
+
+
+@pytest.mark.parametrize("arch", sorted(__import__("tiny_model").ARCHS))
+def test_completion_logits_are_those_greedy_decoding_used(arch, tmp_path):
+    """On every architecture, left-padded rows: the teacher-forced logits pick exactly the
+    tokens generate chose (a shift by one position does not), so the KL is taken where the
+    model decoded."""
+    from tiny_model import make_tiny_arch
+
+    model, tok = _load(make_tiny_arch(tmp_path / arch, arch))
+    tok.padding_side = "left"
+    batch = hf.encode_prompts(tok, ["What is the capital of Italy?", "Is the sun a star?"],
+                              torch.device("cpu"), templated=False)
+    _, tokens, new_ids = hf.generate(model, tok, batch, 6, return_ids=True)
+    logits, mask = kl.completion_logits(model, batch, new_ids, tokens)
+    for row, n in enumerate(tokens):
+        assert logits[row, :n].argmax(-1).tolist() == new_ids[row, :n].tolist(), row
+        assert mask[row].sum() == n
