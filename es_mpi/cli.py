@@ -235,9 +235,16 @@ def export(run_file: str, out_dir: str, generation: int | None, model: str | Non
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the samples; the same seed gives the same samples on any number "
                    "of ranks.")
+@click.option("--kl/--no-kl", default=True, show_default=True,
+              help="Also measure the per-token KL to the base model along the greedy "
+                   "completions (a run file's base model, or --base); loads a second copy "
+                   "of the model.")
+@click.option("--base", metavar="DIR", default=None,
+              help="Base model to measure KL against when TARGET is a model directory "
+                   "(e.g. the model an RL baseline started from).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
 def eval_command(target: str, task, task_data, reward, limit, max_new_tokens, batch_size, dtype,
-                 model, prompt_format, samples, temperature, seed, as_json) -> None:
+                 model, prompt_format, samples, temperature, seed, kl, base, as_json) -> None:
     """Score a model dir, or generation G of a run file, on the task's held-out examples.
 
     Greedy decoding (whatever the model's generation config says), batched, the examples
@@ -264,7 +271,7 @@ def eval_command(target: str, task, task_data, reward, limit, max_new_tokens, ba
                      "dtype": dtype, "model": model, "prompt_format": prompt_format}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         commands.evaluate_target(target, overrides, limit, as_json, dist, samples,
-                                 temperature, seed)
+                                 temperature, seed, kl, base)
 
     _run(body)
 

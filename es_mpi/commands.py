@@ -21,6 +21,7 @@ from es_mpi.session import (
     check_task,
     decide_batches,
     examples_fingerprint,
+    kl_base_model,
     n_prompts,
     open_session,
 )
@@ -245,9 +246,14 @@ def export(path: str, out_dir: str, generation: int | None, model: str | None,
 
 
 def evaluate_target(target: str, overrides: dict, limit: int, as_json: bool, dist: Dist,
-                    samples: int = 0, temperature: float = 1.0, seed: int = 0) -> None:
+                    samples: int = 0, temperature: float = 1.0, seed: int = 0,
+                    kl: bool = True, base: str | None = None) -> None:
     """Score a model directory or a run file's generation (RUN.h5[@G]) on held-out examples:
-    greedy, and with `samples` > 0 also K seeded samples per example (pass@K)."""
+    greedy, and with `samples` > 0 also K seeded samples per example (pass@K).
+
+    `kl`: the greedy evaluation also measures the per-token KL to the base model
+    (es_mpi.kl): `base`, or a run file's own base model; a model directory without
+    `base` gets none."""
     path, at, gen_text = target.rpartition("@") if "@" in target else (target, "", "")
     info, generation = None, None
     if Path(path).is_file():
@@ -264,13 +270,19 @@ def evaluate_target(target: str, overrides: dict, limit: int, as_json: bool, dis
         if "model" in overrides:
             raise EsError("--model applies to a run file; pass the model directory as TARGET")
         cfg = Config.from_dict({"model": target, **overrides})
+    if base is not None:
+        if not kl:
+            raise EsError("--base gives the model to measure KL against; drop --no-kl")
+        dist.collective(lambda: hf.check_model_dir(base))
     task, train_examples = dist.collective(lambda: _prechecks(cfg))
     examples = dist.collective(lambda: eval_examples(task, limit))
     set_threads(dist)
     s = _open(cfg, dist, task, train_examples, info)
     if info is not None:
         dist.collective(lambda: rebuild(s, path, info, generation))
-    greedy = evaluate(s, examples, cfg.eval_batch_size)
+    kl_to = base or (cfg.model if info is not None else None)
+    base_model = dist.collective(lambda: kl_base_model(s, kl_to)) if kl and kl_to else None
+    greedy = evaluate(s, examples, cfg.eval_batch_size, base_model=base_model)
     sampled = None
     if samples:
         sampled = evaluate(s, examples, cfg.eval_batch_size, samples, temperature, seed)
@@ -279,7 +291,9 @@ def evaluate_target(target: str, overrides: dict, limit: int, as_json: bool, dis
         out = {"target": what, "task": cfg.task, "n_examples": greedy.n,
                "mean_reward": greedy.mean_reward, "accuracy": _number(greedy.accuracy),
                "max_new_tokens": cfg.max_new_tokens, "seconds": greedy.seconds,
-               "rewards": greedy.rewards.tolist(), "completions": greedy.completions}
+               "rewards": greedy.rewards.tolist(), "completions": greedy.completions,
+               "kl": _number(greedy.kl), "kl_base": kl_to if base_model is not None else None,
+               "kls": None if greedy.kls is None else greedy.kls.tolist()}
         if sampled is not None:
             out["sampled"] = {"samples": samples, "temperature": temperature, "seed": seed,
                               "mean_reward": sampled.mean_reward,
@@ -299,16 +313,20 @@ def _number(value: float) -> float | None:
     return None if np.isnan(value) else value
 
 
+DIAGNOSTIC_FIELDS = ("pair_disagree", "pair_gap", "distinct_rewards", "update_coef_norm")
+
+
 def inspect_summary(path: str) -> dict:
     """Everything `es-mpi inspect` shows, as plain JSON-able data."""
     info = runfile.read_info(path)
-    rows = runfile.read_generations(path, fields=("reward_mean", "reward_min", "reward_max",
-                                                  "time_total", "world_size"))
+    rows = runfile.read_generations(path)
     evals = runfile.read_evals(path)
     done = info.complete_generations
     last = [{"generation": g, "reward_mean": float(rows["reward_mean"][g]),
              "reward_min": float(rows["reward_min"][g]),
-             "reward_max": float(rows["reward_max"][g])} for g in range(max(0, done - 5), done)]
+             "reward_max": float(rows["reward_max"][g]),
+             **{k: _number(float(rows[k][g])) for k in DIAGNOSTIC_FIELDS if k in rows}}
+            for g in range(max(0, done - 5), done)]
     return {
         "path": str(path),
         "file_bytes": os.path.getsize(path),
@@ -328,11 +346,12 @@ def inspect_summary(path: str) -> dict:
         "last_generations": last,
         "evals": [{"generation": int(g), "mean_reward": float(m),
                    "accuracy": None if np.isnan(a) else float(a), "n_examples": int(n),
-                   "completions": texts}
-                  for g, m, a, n, texts in zip(evals["generation"], evals["mean_reward"],
-                                               evals["accuracy"], evals["n_examples"],
-                                               runfile.read_eval_completions(path),
-                                               strict=True)],
+                   "kl": None if np.isnan(kl) else float(kl), "completions": texts}
+                  for g, m, a, n, kl, texts in zip(evals["generation"], evals["mean_reward"],
+                                                   evals["accuracy"], evals["n_examples"],
+                                                   evals["kl"],
+                                                   runfile.read_eval_completions(path),
+                                                   strict=True)],
     }
 
 
@@ -357,9 +376,12 @@ def inspect(path: str, as_json: bool, dist: Dist) -> None:
         print(f"machine      from generation {hw['generation']}: {hw['world_size']} rank(s) "
               f"on {hardware.label(hw)}, {hw.get('dtype', '?')} replicas")
     for g in info["last_generations"]:
+        diag = "".join(f", {k} {g[k]:.3g}" for k in DIAGNOSTIC_FIELDS
+                       if g.get(k) is not None)
         print(f"  gen {g['generation'] + 1}: reward mean {g['reward_mean']:.4g} "
-              f"min {g['reward_min']:.4g} max {g['reward_max']:.4g}")
+              f"min {g['reward_min']:.4g} max {g['reward_max']:.4g}{diag}")
     for e in info["evals"]:
         acc = "" if e["accuracy"] is None else f", accuracy {e['accuracy']:.3f}"
+        kl = "" if e["kl"] is None else f", KL to base {e['kl']:.4g} nats/token"
         print(f"held-out     after {e['generation']} generations: mean reward "
-              f"{e['mean_reward']:.4g}{acc} ({e['n_examples']} examples)")
+              f"{e['mean_reward']:.4g}{acc}{kl} ({e['n_examples']} examples)")

@@ -19,6 +19,7 @@ import numpy as np
 
 from es_mpi import memory, progress, runfile
 from es_mpi import model as hf
+from es_mpi.diagnostics import generation_diagnostics
 from es_mpi.errors import EsError
 from es_mpi.evaluators import REWARD_ERROR, SKIPPED, groups_of, member_groups, score_members
 from es_mpi.noise import member_seeds
@@ -62,7 +63,8 @@ def run_generation(s: Session, t: int) -> tuple[dict, int]:
            "reward_mean": rewards_n.mean(), "reward_std": rewards_n.std(),
            "reward_min": rewards_n.min(), "reward_max": rewards_n.max(), "checksum": check,
            "world_size": dist.size, "comm_bytes": dist.bytes_moved - moved,
-           "peak_mem_eval": peaks[0], "peak_mem_update": peaks[1]}
+           "peak_mem_eval": peaks[0], "peak_mem_update": peaks[1],
+           **generation_diagnostics(rewards_n, seeds_n, signs_n, z_n, cfg.lr, cfg.antithetic)}
     for phase in ("eval", "perturb", "generate", "score", "gather", "update", "checksum"):
         row[f"time_{phase}"] = timer[phase]
     row.update(time_io=0.0, time_total=0.0, timestamp=0.0)  # rank 0 writing (es_mpi.record)

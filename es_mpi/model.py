@@ -214,12 +214,13 @@ def _only(model, config):
 
 @torch.no_grad()
 def generate(model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: int,
-             ignore_eos: bool = False,
-             sampling: Sampling | None = None) -> tuple[list[str], list[int]]:
+             ignore_eos: bool = False, sampling: Sampling | None = None,
+             return_ids: bool = False) -> tuple:
     """Completions (new tokens only, decoded) and the number of tokens each made.
 
     Greedy unless `sampling` is given, whatever the model's generation config says.
     `ignore_eos`: always generate max_new_tokens (benchmarks: equal work in every mode).
+    `return_ids`: also the new token ids, (rows, steps) on the CPU (es_mpi.kl).
     """
     from transformers import GenerationConfig
 
@@ -245,7 +246,7 @@ def generate(model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: i
                 break
         tokens.append(n)
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-    return texts, tokens
+    return (texts, tokens, new) if return_ids else (texts, tokens)
 
 
 def micro_batches(n: int, limit: int, unit: int = 1) -> list[tuple[int, int]]:

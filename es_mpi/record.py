@@ -11,6 +11,7 @@ import torch
 from es_mpi import runfile
 from es_mpi.basefile import BaseWeights
 from es_mpi.evaluate import EvalResult, eval_examples, evaluate
+from es_mpi.session import kl_base_model
 
 
 def write_generation(s, writer: runfile.RunWriter, t: int, row: dict, t_start: float) -> None:
@@ -46,9 +47,11 @@ def base_rows(base: Mapping[str, torch.Tensor]):
 def held_out(s, writer: runfile.RunWriter | None, generation: int) -> EvalResult:
     """Evaluate the current weights on the held-out split (collective); rank 0 records
     it (uncommitted: it counts with the generation's commit)."""
-    result = evaluate(s, eval_examples(s.task, s.cfg.eval_limit), s.cfg.eval_batch_size)
+    base = kl_base_model(s) if s.cfg.eval_kl else None
+    result = evaluate(s, eval_examples(s.task, s.cfg.eval_limit), s.cfg.eval_batch_size,
+                      base_model=base)
     if writer is not None:
         writer.append_eval({"generation": generation, "mean_reward": result.mean_reward,
                             "accuracy": result.accuracy, "n_examples": result.n,
-                            "seconds": result.seconds}, result.completions)
+                            "seconds": result.seconds, "kl": result.kl}, result.completions)
     return result

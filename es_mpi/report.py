@@ -2,7 +2,10 @@
 
 One run file gives:
     reward.png    population reward per generation: mean, +- std band, min-max band
-    heldout.png   held-out score after each evaluation (--eval-every), if any
+    heldout.png   held-out score after each evaluation (--eval-every), if any, and the
+                  per-token KL to the base model where it was measured
+    diagnostics.png  mirrored-pair disagreement, distinct rewards, update size per
+                  generation (es_mpi.diagnostics), if the file records them
     phases.png    where each generation's time went (stacked phases, seconds)
     ranks.png     seconds each rank spent evaluating its members (load balance)
     summary.md    config, best generation, final scores, total time, the plots
@@ -227,6 +230,10 @@ def _has_accuracy(runs: list[Run]) -> bool:
     return any(np.isfinite(r.evals["accuracy"]).any() for r in runs if len(r.evals["accuracy"]))
 
 
+def _has_kl(runs: list[Run]) -> bool:
+    return any(np.isfinite(r.evals["kl"]).any() for r in runs if len(r.evals["kl"]))
+
+
 def plot_heldout(runs: list[Run], path: Path, report: Report) -> bool:
     """Held-out mean reward (and accuracy where the task has one); False if no evals."""
     runs = [r for r in runs if len(r.evals["generation"])]
@@ -235,7 +242,9 @@ def plot_heldout(runs: list[Run], path: Path, report: Report) -> bool:
     metrics = [("mean_reward", "held-out mean reward")]
     if _has_accuracy(runs):
         metrics.append(("accuracy", "held-out accuracy"))
-    fig, axes = _figure(len(metrics), height=SIZE[1] if len(metrics) == 1 else 5.5)
+    if _has_kl(runs):
+        metrics.append(("kl", "KL to base\n(nats/token)"))
+    fig, axes = _figure(len(metrics), height=SIZE[1] + 1.5 * (len(metrics) - 1))
     labels: list[str] = []
     groups = group_runs(runs) if len(runs) > 1 else [(runs[0].label, runs)]
     for k, (label, members) in enumerate(groups):
@@ -252,7 +261,7 @@ def plot_heldout(runs: list[Run], path: Path, report: Report) -> bool:
                     label=label)
             ax.set_ylabel(ylabel)
         labels.append(label)
-    if len(axes) > 1:  # accuracy is a fraction: keep 0 in view rather than zoom on noise
+    if _has_accuracy(runs):  # a fraction: keep 0 in view rather than zoom on noise
         finite = np.concatenate([r.evals["accuracy"] for r in runs])
         top = float(finite[np.isfinite(finite)].max())
         axes[1].set_ylim(-0.02, min(1.02, max(0.1, 1.15 * top)))
@@ -389,6 +398,45 @@ def plot_ranks(run: Run, path: Path, report: Report) -> None:
     _save(fig, path, report, labels)
 
 
+DIAGNOSTICS = [("pair_disagree", "mirrored pairs\nwith unequal rewards"),
+               ("distinct_rewards", "distinct rewards / N"),
+               ("update_coef_norm", "update RMS per weight\n(expected, noise part)")]
+
+
+def plot_diagnostics(run: Run, path: Path, report: Report) -> bool:
+    """Per-generation diagnostics (es_mpi.diagnostics); False where the file has none."""
+    shown = [(k, label) for k, label in DIAGNOSTICS
+             if k in run.gens and np.isfinite(run.gens[k]).any()]
+    if not shown:
+        return False
+    fig, axes = _figure(len(shown), height=SIZE[1] + 1.5 * (len(shown) - 1))
+    x = run.x
+    for ax, (name, ylabel) in zip(axes, shown, strict=True):
+        ax.plot(x, run.gens[name], color="C0", marker=_marker(len(x)), markersize=4,
+                linewidth=_width(len(x)))
+        ax.set_ylabel(ylabel, fontsize=9)
+        if name != "update_coef_norm":
+            ax.set_ylim(-0.02, 1.02)
+    axes[0].set_title(f"Population diagnostics per generation: {run.label}", fontsize=10)
+    axes[-1].set_xlabel("generation")
+    _save(fig, path, report, [k for k, _ in shown])
+    return True
+
+
+def _diagnostics_text(run: Run) -> str | None:
+    """Mean over the generations (and the last value) of each recorded diagnostic."""
+    parts = []
+    for name, text in (("pair_disagree", "pairs with unequal rewards"),
+                       ("pair_gap", "mean pair gap r+ vs r-"),
+                       ("distinct_rewards", "distinct rewards / N"),
+                       ("update_coef_norm", "update RMS per weight (expected)")):
+        values = run.gens.get(name)
+        if values is None or not np.isfinite(values).any():
+            continue
+        parts.append(f"{text} {np.nanmean(values):.4g} (last {values[-1]:.4g})")
+    return "; ".join(parts) or None
+
+
 # -- summary ---------------------------------------------------------------------------
 
 def run_stats(run: Run) -> dict:
@@ -414,6 +462,8 @@ def run_stats(run: Run) -> dict:
             "last_generation": int(ev["generation"][-1]), "last": float(ev["mean_reward"][-1]),
             "first_accuracy": float(acc[0]) if np.isfinite(acc[0]) else None,
             "last_accuracy": float(acc[-1]) if np.isfinite(acc[-1]) else None,
+            "first_kl": float(ev["kl"][0]) if np.isfinite(ev["kl"][0]) else None,
+            "last_kl": float(ev["kl"][-1]) if np.isfinite(ev["kl"][-1]) else None,
         }
     return stats
 
@@ -425,6 +475,14 @@ def _heldout_text(h: dict | None) -> str:
         return f"{value:.4g}" + ("" if acc is None else f" (accuracy {acc:.3f})")
     return (f"{one(h['first'], h['first_accuracy'])} after {h['first_generation']} -> "
             f"{one(h['last'], h['last_accuracy'])} after {h['last_generation']} generations")
+
+
+def _kl_rows(h: dict | None) -> list[str]:
+    if h is None or h["last_kl"] is None:
+        return []
+    first = "not measured" if h["first_kl"] is None else f"{h['first_kl']:.4g}"
+    return [f"| held-out KL to base (nats/token) | {first} after {h['first_generation']} -> "
+            f"{h['last_kl']:.4g} after {h['last_generation']} generations |"]
 
 
 def _spread(values: np.ndarray) -> str:
@@ -491,13 +549,17 @@ def _summary_markdown(runs: list[Run], report: Report, subdirs: dict[Path, str])
             f"(generation {s['generations']}); best {s['best_mean']:.4g} at generation "
             f"{s['best_generation']} |",
             f"| held-out mean reward | {_heldout_text(s['heldout'])} |",
+            *_kl_rows(s["heldout"]),
+            *[f"| diagnostics (mean over generations) | {d} |"
+              for d in [_diagnostics_text(run)] if d],
             f"| time | {_duration(s['seconds'])} in all, "
             f"{s['seconds_per_generation']:.1f} s per generation, "
             f"{s['tokens_per_second']:.0f} generated tokens/s |",
             f"| checkpoints | {run.info.checkpoints or 'none'} |",
             "",
         ]
-        for name in ("reward.png", "heldout.png", "phases.png", "ranks.png"):
+        for name in ("reward.png", "heldout.png", "diagnostics.png", "phases.png",
+                     "ranks.png"):
             key = f"{prefix}/{name}" if prefix else name
             if key in report.legends:
                 out.append(f"![{name[:-4]}]({key})\n")
@@ -510,6 +572,7 @@ def _single_run_plots(run: Run, out: Path, report: Report, key_prefix: str = "")
     sub = Report(out)
     plot_reward([run], out / "reward.png", sub)
     plot_heldout([run], out / "heldout.png", sub)
+    plot_diagnostics(run, out / "diagnostics.png", sub)
     plot_phases([run], out / "phases.png", sub)
     plot_ranks(run, out / "ranks.png", sub)
     report.files += sub.files

@@ -68,6 +68,12 @@ GENERATION_FIELDS: dict[str, tuple[str, str]] = {
     "peak_mem_eval": ("i8", ""),   # peak memory of the evaluation phase, bytes, largest over
                                    # ranks: torch's CUDA allocations, or the process RSS on CPU
     "peak_mem_update": ("i8", ""), # same for gather, update and checksum
+    # diagnostics (es_mpi.diagnostics; NaN in rows written before they were recorded)
+    "pair_disagree": ("f8", ""),   # antithetic: share of mirrored pairs whose 2 rewards differ
+    "pair_gap": ("f8", ""),        # antithetic: mean |r+ - r-| over the pairs (NaN without)
+    "distinct_rewards": ("f8", ""),  # distinct reward values / N (1/N: all equal, no signal)
+    "update_coef_norm": ("f8", ""),  # lr/N * ||c||_2, c = sum of sign*z per noise draw: the
+                                     # expected RMS per weight of the noise part of the update
 }
 
 
@@ -77,7 +83,10 @@ EVAL_FIELDS: dict[str, str] = {
     "accuracy": "f8",      # NaN where the task has no notion of solved
     "n_examples": "i8",
     "seconds": "f8",
+    "kl": "f8",            # mean per-token KL to the base model (es_mpi.kl); NaN: not measured
 }
+# fields added after format 1 first shipped: NaN in the evaluations of older files
+EVAL_ADDED = ("kl",)
 # /eval/completions: per evaluation, its completions (example order) as one JSON list
 # (a variable-length UTF-8 string); added after format 1 first shipped, "" in older rows
 COMPLETIONS = "completions"
@@ -242,7 +251,8 @@ def read_evals(path: str | Path) -> dict[str, np.ndarray]:
         complete = int(f.attrs.get("complete_generations", 0))
         gens = f["eval/generation"][...]
         keep = gens <= complete
-        return {name: f["eval"][name][...][keep] for name in EVAL_FIELDS}
+        return {name: f["eval"][name][...][keep] if name in f["eval"]
+                else np.full(int(keep.sum()), np.nan) for name in EVAL_FIELDS}
 
 
 def read_eval_completions(path: str | Path) -> list[list[str] | None]:
@@ -374,6 +384,11 @@ class RunWriter:
                 ds.resize(kept, axis=0)
             if COMPLETIONS not in f["eval"]:
                 _add_completions(f["eval"], kept)
+            for name in EVAL_ADDED:
+                if name not in f["eval"]:
+                    f["eval"].create_dataset(name, shape=(kept,), maxshape=(None,),
+                                             dtype=EVAL_FIELDS[name], chunks=(64,),
+                                             fillvalue=np.nan)
         keep = set(_checkpoint_generations(f, complete))
         for name in list(f["checkpoints"]):
             group = f["checkpoints"][name]

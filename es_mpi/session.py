@@ -56,6 +56,7 @@ class Session:
     base: Mapping[str, torch.Tensor] | None = None  # theta_0 (rank 0: checkpoints; decay_to=init)
     ignore_eos: bool = False   # benchmarks: every member generates max_new_tokens
     stop: StopFlag = field(default_factory=StopFlag)
+    kl_base: torch.nn.Module | None = None  # the base model for held-out KL (kl_base_model)
 
     @property
     def anchor(self):
@@ -74,6 +75,27 @@ class Session:
         (blocks of `unit` rows kept whole where they fit)."""
         return hf.generate_rows(self.model, self.tokenizer, batch, self.cfg.max_new_tokens,
                                 self.cfg.generate_batch, self.ignore_eos, select, unit)
+
+
+def kl_base_model(s: Session, path: str | None = None) -> torch.nn.Module:
+    """The base model (theta_0, from `path` or the run's model directory) that held-out
+    KL is measured against, loaded on this rank's devices in the replica's dtype at first
+    use and kept: one more copy of the model's weights per rank (not of the fp32 master).
+
+    It cannot be cached as log-probabilities: the KL is taken along the current weights'
+    own completions, which change as the weights do, so the base must score new tokens at
+    every evaluation.
+    """
+    if s.kl_base is None:
+        dtype = next(s.model.parameters()).dtype
+        name = next(k for k, v in hf.DTYPES.items() if v == dtype)
+        base = hf.load_model(path or s.cfg.model, name, s.devices)[0]
+        vocab, base_vocab = (m.get_output_embeddings().weight.shape[0] for m in (s.model, base))
+        if vocab != base_vocab:
+            raise EsError(f"base model {path or s.cfg.model} has {base_vocab} output tokens and "
+                          f"the evaluated model {vocab}: KL needs the same vocabulary")
+        s.kl_base = base
+    return s.kl_base
 
 
 def check_task(cfg: Config) -> tuple[Task, list]:

@@ -10,14 +10,20 @@ beats a long right one.
 answer scores in (1, 1.5] (1.5: exactly the answer), a wrong one at most 0.5, so
 `solved_reward` = 1 and held-out accuracy is the share answered correctly.
 
-Training prompts default to the paper's two; the held-out prompts are other short-answer
-questions, never trained on. A JSON/JSONL file of {"prompt": ..., "answer": ...} objects
-replaces both (see tasks/data.py).
+Training prompts default to the paper's two; the held-out prompts are 58 other
+short-answer questions with one short reference answer each (capitals, arithmetic, colors,
+simple science; tasks/conciseness_heldout.jsonl, written for es-mpi), never trained on.
+Its first 6 are the held-out set of es-mpi before it grew, so `eval_limit = 6` scores
+exactly those. A JSON/JSONL file of {"prompt": ..., "answer": ...} objects replaces both
+(see tasks/data.py); es_mpi/presets/conciseness_large.jsonl holds 60 training questions
+(the paper's two first) and these 58 held-out ones.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 from tasks.base import Example, Task
 from tasks.data import load_examples, require
@@ -27,14 +33,13 @@ PAPER_PROMPTS = [
     {"prompt": "If all birds can fly and penguins are birds, can penguins fly?", "answer": "No"},
 ]
 
-HELD_OUT = [
-    {"prompt": "What is the capital of Italy?", "answer": "Rome"},
-    {"prompt": "What is 9 plus 6?", "answer": "15"},
-    {"prompt": "Which animal is known as the king of the jungle?", "answer": "Lion"},
-    {"prompt": "What is the chemical symbol for gold?", "answer": "Au"},
-    {"prompt": "How many days are in a week?", "answer": "7"},
-    {"prompt": "Is the sun a star? Answer yes or no.", "answer": "Yes"},
-]
+HELD_OUT_FILE = Path(__file__).with_name("conciseness_heldout.jsonl")  # package data
+
+
+def held_out_examples() -> list[Example]:
+    """The built-in held-out questions, in file order."""
+    lines = HELD_OUT_FILE.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def check_example(example: Example) -> str | None:
@@ -48,7 +53,7 @@ class Conciseness(Task):
         if data:
             self.train, self.held_out = load_examples(data, check_example)
         else:
-            self.train, self.held_out = list(PAPER_PROMPTS), list(HELD_OUT)
+            self.train, self.held_out = list(PAPER_PROMPTS), held_out_examples()
 
     def train_examples(self) -> list[Example]:
         return self.train

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 from conftest import run_cli
 
+import tasks
 from es_mpi import runfile
 
 pytestmark = pytest.mark.mpi
 
+# the built-in conciseness held-out set: one question per line of its file
+HELD_OUT = sum(1 for line in Path(tasks.__file__).with_name("conciseness_heldout.jsonl")
+               .read_text().splitlines() if line.strip())
 TRAIN = ["--population", "4", "--sigma", "0.05", "--lr", "0.05", "--max-new-tokens", "6",
          "--generations", "4", "--eval-every", "2", "--eval-batch-size", "2"]
 
@@ -36,7 +41,7 @@ def run_with_evals(tiny_model, tmp_path_factory):
 def test_eval_of_a_model_dir_is_the_same_on_one_and_two_ranks(tiny_model):
     one = eval_json(tiny_model)
     two = eval_json(tiny_model, np=2)
-    assert one["n_examples"] == 6 and one["task"] == "conciseness"
+    assert one["n_examples"] == HELD_OUT and one["task"] == "conciseness"
     assert one["accuracy"] is None  # conciseness has no notion of solved
     assert one["rewards"] == two["rewards"]
     assert one["mean_reward"] == pytest.approx(np.mean(one["rewards"]))
@@ -50,7 +55,7 @@ def test_eval_every_records_held_out_scores(run_with_evals):
     assert stdout.count("| held-out mean reward") == 2
     with h5py.File(path, "r") as f:
         assert f["eval/generation"][:].tolist() == [0, 2, 4]
-        assert (f["eval/n_examples"][:] == 6).all()
+        assert (f["eval/n_examples"][:] == HELD_OUT).all()
         assert np.isnan(f["eval/accuracy"][:]).all()
         recorded = f["eval/mean_reward"][:]
     assert eval_json(f"{path}@4")["mean_reward"] == pytest.approx(recorded[2], abs=0)
@@ -143,7 +148,7 @@ def test_sampled_eval_is_seeded_the_same_on_one_and_two_ranks(tiny_model, tmp_pa
     assert one == {**two, "seconds": one["seconds"],
                    "sampled": {**two["sampled"], "seconds": one["sampled"]["seconds"]}}
     draws = one["sampled"]
-    assert draws["samples"] == 3 and len(draws["completions"]) == one["n_examples"] == 6
+    assert draws["samples"] == 3 and len(draws["completions"]) == one["n_examples"] == HELD_OUT
     # rewards rescored here from the completions, pass@3 and the mean from those
     rescored = [[float(len(c) % 2 == 0) for c in row] for row in draws["completions"]]
     assert draws["rewards"] == rescored

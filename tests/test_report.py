@@ -22,7 +22,7 @@ pytest.importorskip("matplotlib")
 
 TINY_ARGS = ["--population", "4", "--max-new-tokens", "4", "--lr", "0.05", "--generations",
              "3", "--eval-every", "2"]
-SINGLE = {"reward.png", "heldout.png", "phases.png", "ranks.png"}
+SINGLE = {"reward.png", "heldout.png", "diagnostics.png", "phases.png", "ranks.png"}
 
 
 def invoke(args):

@@ -59,3 +59,41 @@ def test_prompt_uses_the_chat_template_or_raw_text(tiny_model):
 def test_unknown_task_lists_the_known_ones():
     with pytest.raises(EsError, match="known tasks: " + ", ".join(sorted(TASKS))):
         get_task("countdwn")
+
+
+def test_conciseness_held_out_set_and_the_larger_training_set():
+    """The shipped files read with json alone: >= 50 held-out questions with short answers,
+    the former 6 first, none of them trained on; the defaults stay the paper's 2 prompts."""
+    import json
+    from pathlib import Path
+
+    import tasks as tasks_pkg
+    from es_mpi import presets
+
+    def read(path):
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+    held = read(Path(tasks_pkg.__file__).with_name("conciseness_heldout.jsonl"))
+    assert len(held) >= 50
+    assert all(set(e) == {"prompt", "answer"} and 0 < len(e["answer"]) <= 12 for e in held)
+    assert len({e["prompt"] for e in held}) == len(held)
+    assert held[:2] == [{"prompt": "What is the capital of Italy?", "answer": "Rome"},
+                        {"prompt": "What is 9 plus 6?", "answer": "15"}]
+    task = get_task("conciseness")
+    assert task.eval_examples() == held
+    assert [e["prompt"] for e in task.train_examples()] == [
+        "Solve: 3 + 5 =", "If all birds can fly and penguins are birds, can penguins fly?"]
+    large = read(presets.PRESET_DIR / "conciseness_large.jsonl")
+    train = [{"prompt": e["prompt"], "answer": e["answer"]} for e in large
+             if e["split"] == "train"]
+    evals = [{"prompt": e["prompt"], "answer": e["answer"]} for e in large
+             if e["split"] == "eval"]
+    assert len(train) >= 50 and evals == held
+    assert train[:2] == [{"prompt": p["prompt"], "answer": p["answer"]}
+                         for p in task.train_examples()]
+    trained = {e["prompt"] for e in train} | {e["prompt"] for e in read(
+        presets.PRESET_DIR / "conciseness_qa.jsonl") if e["split"] == "train"}
+    assert not trained & {e["prompt"] for e in held}
+    from_file = get_task("conciseness", data=str(presets.PRESET_DIR / "conciseness_large.jsonl"))
+    assert len(from_file.train_examples()) == len(train)
+    assert [e["prompt"] for e in from_file.eval_examples()] == [e["prompt"] for e in held]
