@@ -89,9 +89,10 @@ class Config:
     eval_batch_size: int = _field(16, "Prompts per generate call in held-out evaluation.",
                                   resumable=True)
     eval_kl: bool = _field(
-        True, "Held-out evaluations also measure the per-token KL of the weights to the base "
+        False, "Held-out evaluations also measure the per-token KL of the weights to the base "
         "model along their greedy completions (es_mpi.kl); this keeps a second copy of the "
-        "model (its weights in the replica dtype) on every rank for the run.", resumable=True)
+        "model (its weights in the replica dtype) on every rank for the run, so it is off "
+        "unless asked for (the demo presets ask).", resumable=True)
     checkpoint_every: int = _field(
         10, "Write a checkpoint delta every K generations (and at the end).", resumable=True
     )

@@ -99,7 +99,7 @@ def test_batch_kl_on_a_tiny_model(tiny_model):
 
 TRAIN = ["--population", "4", "--antithetic", "--sigma", "0.05", "--lr", "0.05",
          "--max-new-tokens", "6", "--generations", "3", "--eval-every", "2",
-         "--eval-batch-size", "2", "--eval-limit", "4", "--checkpoint-every", "1"]
+         "--eval-batch-size", "2", "--eval-limit", "4", "--checkpoint-every", "1", "--eval-kl"]
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,7 @@ def test_lowrank_run_records_kl_too(tiny_model, tmp_path):
     result = run_cli(["train", "--model", tiny_model, "--run", path, "--mode", "lowrank",
                       "--population", "4", "--sigma", "0.05", "--lr", "0.05",
                       "--max-new-tokens", "4", "--generations", "1", "--eval-every", "1",
-                      "--eval-limit", "2"])
+                      "--eval-limit", "2", "--eval-kl"])
     assert result.returncode == 0, result.stderr
     evals = runfile.read_evals(path)
     assert evals["kl"][0] == 0.0 and evals["kl"][1] > 0
@@ -238,7 +238,7 @@ def test_lowrank_run_records_kl_too(tiny_model, tmp_path):
     off = tmp_path / "off.h5"
     result = run_cli(["train", "--model", tiny_model, "--run", off, "--population", "4",
                       "--max-new-tokens", "4", "--generations", "1", "--eval-every", "1",
-                      "--eval-limit", "2", "--no-eval-kl"])
+                      "--eval-limit", "2"])  # off by default: no second model
     assert result.returncode == 0, result.stderr
     assert np.isnan(runfile.read_evals(off)["kl"]).all()
     assert "KL to base" not in result.stdout
