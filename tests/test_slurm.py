@@ -212,6 +212,7 @@ def test_two_rank_job_completes_and_writes_its_run_file(finished_job):
     info, text, run, _ = finished_job
     assert info["JobState"] == "COMPLETED", text
     assert info["ExitCode"] == "0:0", text
+    assert info["Restarts"] == "0", text  # the reference ran once, uninterrupted
     assert "2 rank(s)" in text and "SLURM_RESTART_COUNT=0" in text
     assert "srun --mpi=pmi2" in text
     progress = re.findall(r"^gen +(\d+)/(\d+) +reward mean", text, re.M)
