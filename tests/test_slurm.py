@@ -43,14 +43,15 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "tools" / "slurm_cluster.sh"
 JOB_SCRIPT = "slurm/es_mpi_cpu.sbatch"   # relative: submitted from the repository root
 GENERATIONS = 60
-CONFIG = f"""\
-population = 4
-max_new_tokens = 4
-sigma = 0.05
-lr = 0.05
-seed = 3
-generations = {GENERATIONS}
-"""
+
+
+def job_config(generations: int) -> str:
+    """The run config (TOML) every Slurm test job trains with, `generations` long."""
+    return ("population = 4\nmax_new_tokens = 4\nsigma = 0.05\nlr = 0.05\nseed = 3\n"
+            f"generations = {generations}\n")
+
+
+CONFIG = job_config(GENERATIONS)
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
          "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 JOB_TIMEOUT = 240  # seconds for one job, requeues included (a run takes ~20-40 s here)

@@ -27,20 +27,23 @@ from pathlib import Path
 
 import pytest
 from test_mpi import assert_same_trajectory, rows
-from test_slurm import FINAL, JOB_TIMEOUT, job_info, read, slurm, start_cluster, submit, wait_job
+from test_slurm import (
+    FINAL,
+    JOB_TIMEOUT,
+    job_config,
+    job_info,
+    read,
+    slurm,
+    start_cluster,
+    submit,
+    wait_job,
+)
 
 pytestmark = pytest.mark.slurm
 
 SCRIPT = "slurm/es_mpi_multinode.sbatch"
 GENERATIONS = 30  # generations take ~0.1 s: enough that a signal or a kill lands mid-run
-CONFIG = f"""\
-population = 4
-max_new_tokens = 4
-sigma = 0.05
-lr = 0.05
-seed = 3
-generations = {GENERATIONS}
-"""
+CONFIG = job_config(GENERATIONS)
 NODES = ("esmpi-n1", "esmpi-n2")
 
 
