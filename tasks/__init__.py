@@ -9,16 +9,18 @@
 from __future__ import annotations
 
 from es_mpi.errors import EsError
-from tasks.arithmetic import Arithmetic
+from tasks.arithmetic import Arithmetic, ArithmeticEasy
 from tasks.base import Example, Task
 from tasks.conciseness import Conciseness, ConcisenessCorrect
-from tasks.countdown import Countdown, CountdownPaper
+from tasks.countdown import Countdown, CountdownEasy, CountdownPaper
 
 TASKS: dict[str, type[Task]] = {
     "arithmetic": Arithmetic,
+    "arithmetic-easy": ArithmeticEasy,
     "conciseness": Conciseness,
     "conciseness-correct": ConcisenessCorrect,
     "countdown": Countdown,
+    "countdown-easy": CountdownEasy,
     "countdown-paper": CountdownPaper,
 }
 

@@ -173,17 +173,22 @@ SCENES = (
     ),
 )
 
+STEPS, START = (2, 4), (5, 60)  # steps per problem, first value
+EASY_STEPS, EASY_START = (1, 1), (2, 20)  # arithmetic-easy: one step on a small value
+
 NAMES = ("Sam", "Ava", "Liam", "Maya", "Noah", "Zoe", "Omar", "Lena", "Ravi", "Iris")
 TIMES = {2: "twice", 3: "three times", 4: "four times"}
 
 
-def generate(count: int, seed: int) -> list[Example]:
-    """`count` problems from `seed` with pairwise different questions."""
+def generate(count: int, seed: int, steps: tuple[int, int] = STEPS,
+             start: tuple[int, int] = START) -> list[Example]:
+    """`count` problems from `seed` with pairwise different questions, each of
+    steps[0]..steps[1] steps from a first value in start[0]..start[1]."""
     rng = random.Random(seed)
     seen: set[str] = set()
     examples: list[Example] = []
     while len(examples) < count:
-        example = _random_problem(rng)
+        example = _random_problem(rng, steps, start)
         if example is not None and example["question"] not in seen:
             seen.add(example["question"])
             examples.append(example)
@@ -206,14 +211,16 @@ def apply_steps(start: int, steps: list[dict[str, Any]]) -> int:
     return value
 
 
-def _random_problem(rng: random.Random) -> Example | None:
-    """A problem of 2-4 steps, or None in the rare case no step fits (the caller redraws)."""
+def _random_problem(rng: random.Random, counts: tuple[int, int],
+                    starts: tuple[int, int]) -> Example | None:
+    """A problem of counts[0]..counts[1] steps, or None in the rare case no step fits (the
+    caller redraws)."""
     scene, name = rng.choice(SCENES), rng.choice(NAMES)
-    start = value = rng.randint(5, 60)
+    start = value = rng.randint(*starts)
     sentences = [scene.start.format(name=name, n=value)]
     steps: list[dict[str, Any]] = []
     used: set[str] = set()
-    for _ in range(rng.randint(2, 4)):
+    for _ in range(rng.randint(*counts)):
         drawn = _random_step(scene, value, used, rng)
         if drawn is None:
             return None
@@ -294,3 +301,16 @@ class Arithmetic(ProceduralTask, Task):
 
     def reward(self, completion: str, example: Example) -> float:
         return score(completion, example["answer"])
+
+
+def generate_easy(count: int, seed: int) -> list[Example]:
+    """One-step problems from a first value in 2..20 (arithmetic-easy)."""
+    return generate(count, seed, EASY_STEPS, EASY_START)
+
+
+class ArithmeticEasy(Arithmetic):
+    """The same word problems with one step on a small number: a size the demo model
+    solves some of (about 1 in 7), so ES has a reward signal to follow (docs/results.md)."""
+
+    name = "arithmetic-easy"
+    generate = staticmethod(generate_easy)

@@ -70,6 +70,9 @@ NUMBER_COUNTS = (3, 4)
 MIN_NUMBER, MAX_NUMBER = 1, 99
 MIN_TARGET, MAX_TARGET = 1, 999
 TREES_PER_DRAW = 10
+# countdown-easy: the same task at a size a 135M model solves some of
+EASY_COUNTS = (2, 3)
+EASY_MAX_NUMBER, EASY_MAX_TARGET = 10, 50
 
 RAW_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
@@ -408,22 +411,24 @@ def _divide(x: Fraction | int, y: Fraction | int) -> Fraction | int:
     return Fraction(x) / y
 
 
-def generate(count: int, seed: int) -> list[Example]:
+def generate(count: int, seed: int, counts: tuple[int, ...] = NUMBER_COUNTS,
+             max_number: int = MAX_NUMBER, max_target: int = MAX_TARGET) -> list[Example]:
     """`count` distinct solvable examples from `seed`; distinct means no two share the
-    (sorted numbers, target) pair, so any split of the list has no overlap."""
+    (sorted numbers, target) pair, so any split of the list has no overlap. `counts`,
+    `max_number` and `max_target` bound the draw (the defaults are TinyZero's ranges)."""
     rng = random.Random(seed)
     seen: set[tuple[tuple[int, ...], int]] = set()
     examples: list[Example] = []
     while len(examples) < count:
-        numbers = [rng.randint(MIN_NUMBER, MAX_NUMBER) for _ in range(rng.choice(NUMBER_COUNTS))]
+        numbers = [rng.randint(MIN_NUMBER, max_number) for _ in range(rng.choice(counts))]
         # Several trees per draw: giving up on the first out-of-range target would thin out
-        # four-number examples, whose products overshoot MAX_TARGET more often.
+        # four-number examples, whose products overshoot max_target more often.
         for _ in range(TREES_PER_DRAW):
             target, solution = _random_equation(numbers, rng)
-            if MIN_TARGET <= target <= MAX_TARGET:
+            if MIN_TARGET <= target <= max_target:
                 break
         key = (tuple(sorted(numbers)), target)
-        if not MIN_TARGET <= target <= MAX_TARGET or key in seen:
+        if not MIN_TARGET <= target <= max_target or key in seen:
             continue
         # The construction guarantees a solution; scoring it with the reward itself keeps a
         # generator bug from ever shipping an example whose recorded solution fails.
@@ -540,3 +545,17 @@ class CountdownPaper(Countdown):
 
     def reward(self, completion: str, example: Example) -> float:
         return paper_score(completion, example["numbers"], target_value(example["target"]))
+
+
+def generate_easy(count: int, seed: int) -> list[Example]:
+    """Examples small enough for a 135M model to solve some of: EASY_COUNTS numbers in
+    1..EASY_MAX_NUMBER and a target in 1..EASY_MAX_TARGET."""
+    return generate(count, seed, EASY_COUNTS, EASY_MAX_NUMBER, EASY_MAX_TARGET)
+
+
+class CountdownEasy(CountdownPaper):
+    """countdown-paper on fewer and smaller numbers (2 or 3 in 1..EASY_MAX_NUMBER): the
+    paper's task at a size where the demo model earns a reward (docs/results.md)."""
+
+    name = "countdown-easy"
+    generate = staticmethod(generate_easy)

@@ -164,3 +164,28 @@ def test_bad_sizes_and_missing_files_raise(tmp_path):
         Arithmetic(n_train=0)
     with pytest.raises(EsError, match=r"gone.json does not exist"):
         Arithmetic(data=str(tmp_path / "gone.json"))
+
+
+def test_the_default_generator_is_unchanged_by_its_size_options():
+    # the first problem of seed 2, as generated before generate() took steps/start options:
+    # the held-out sets in docs/results.md were drawn from this sequence
+    first = generate(1, seed=2)[0]
+    assert first["question"].startswith("Ava has 10 apples. Ava buys 4 bags with 6 apples")
+    assert first["answer"] == 40 and first["start"] == 10
+    assert [s["op"] for s in first["steps"]] == ["+", "-", "*"]
+
+
+def test_arithmetic_easy_is_one_step_on_a_small_value():
+    from tasks import get_task
+
+    task = get_task("arithmetic-easy")
+    examples = task.train_examples() + task.eval_examples()
+    assert len({e["question"] for e in examples}) == len(examples)
+    for example in examples:
+        assert len(example["steps"]) == 1 and 2 <= example["start"] <= 20
+        assert example["answer"] == recompute(example)
+        mentioned = [int(n) for n in re.findall(r"\d+", example["question"])]
+        assert mentioned[0] == example["start"]
+    assert {e["steps"][0]["op"] for e in examples} == {"+", "-", "*", "/"}
+    completion = f"So the answer is \\boxed{{{examples[0]['answer']}}}."
+    assert task.reward(completion, examples[0]) == pytest.approx(1.1)

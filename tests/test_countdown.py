@@ -372,3 +372,27 @@ def test_the_papers_data_file_loads_as_is(tmp_path):
     assert CountdownPaper(data=str(path)).reward("</think>\n<answer>-5 + 3</answer>",
                                                  train[1]) == pytest.approx(1.1)
     assert Countdown(data=str(path)).reward("<answer>-5 + 3</answer>", train[1]) == 0.1
+
+
+def test_the_default_generator_is_unchanged_by_its_size_options():
+    # seed 1's first examples, as generated before generate() took size options
+    assert generate(2, seed=1) == [
+        {"numbers": [73, 98, 9], "target": 225, "solution": "(98 - 73) * 9"},
+        {"numbers": [76, 14, 41], "target": 498, "solution": "(41 * 14) - 76"}]
+
+
+def test_countdown_easy_draws_two_or_three_small_numbers_and_scores_as_the_paper():
+    from tasks import get_task
+
+    task = get_task("countdown-easy")
+    examples = task.train_examples() + task.eval_examples()
+    assert len({instance(e) for e in examples}) == len(examples)
+    assert set(Counter(len(e["numbers"]) for e in examples)) == {2, 3}
+    for example in examples:
+        numbers, target = example["numbers"], example["target"]
+        assert all(1 <= n <= 10 for n in numbers) and 1 <= target <= 50
+        assert solve(numbers, target) is not None
+    # the paper's graded format: a bare <answer> block earns 0.1 * 0.5 without <think>
+    solution = examples[0]["solution"]
+    assert task.reward(f"<answer>{solution}</answer>", examples[0]) == pytest.approx(1.05)
+    assert task.reward("<answer>1 + 1 + 1 + 1</answer>", examples[0]) == pytest.approx(0.05)
