@@ -24,6 +24,7 @@ hardware, whatever the number of ranks; only the wall times vary.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -37,6 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TARGET_GAP = 0.70  # issue #9: share of the base model's distance to 0 to close
 CONCISENESS_PRESET = "conciseness-lowrank-cpu"  # conciseness recipes and the sweep
+REASONING_PRESETS = {"arithmetic-easy": "reasoning-easy-lowrank-cpu",
+                     "arithmetic": "reasoning-lowrank-cpu", "countdown": "reasoning-lowrank-cpu"}
 
 
 def run(cmd: list, env: dict | None = None) -> None:
@@ -240,6 +243,152 @@ def sweep(args: argparse.Namespace) -> list[Path]:
     return [run_dir / f"run_sigma{s}_lr{lr}.h5" for lr in args.lrs for s in args.sigmas]
 
 
+# ---------------------------------------------------------------------------------------
+# ES against GRPO (TRL), issue #17: the same model, prompts, token budget and held-out set
+
+
+GRPO_STEPS = 20  # 20 steps x 8 completions x 2 prompts = ES's 20 generations x 8 x 2
+GRPO_LR = 2e-5
+
+
+def held_out(target: str, base: str, task: str, max_new_tokens: int, cache: Path,
+             ranks: int) -> dict:
+    """`es-mpi eval TARGET --json` on every held-out example with KL to `base`, cached
+    in `cache` (a rerun of the recipe reprints the table without scoring again)."""
+    if cache.exists():
+        return json.loads(cache.read_text())
+    cmd = [BIN / "es-mpi", "eval", target, "--task", task, "--limit", "0", "--json",
+           "--max-new-tokens", str(max_new_tokens)]
+    if "@" not in target:  # a model directory: KL to the model it started from
+        cmd += ["--base", base]
+    if ranks > 1:
+        cmd = [BIN / "mpiexec", "-n", str(ranks), *cmd]
+    print("$", " ".join(map(str, cmd)), flush=True)
+    out = subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def es_point(path: Path, ranks: int) -> dict:
+    """An ES run's last generation scored on the held-out set, with its cost."""
+    from es_mpi import runfile
+
+    info = runfile.read_info(path)
+    cfg, done = info.config, info.complete_generations
+    rows = runfile.read_generations(path, fields=("time_total", "prompt_ids"))
+    evals = runfile.read_evals(path)
+    # training time: in-run held-out scoring is not part of either method's cost
+    seconds = float(rows["time_total"].sum() - evals["seconds"][evals["generation"] > 0].sum())
+    result = held_out(f"{path}@{done}", cfg.model, cfg.task, cfg.max_new_tokens,
+                      path.with_suffix(f".heldout{done}.json"), ranks)
+    return {"method": "ES", "setting": f"sigma {cfg.sigma:g}, lr {cfg.lr:g}, {cfg.mode}",
+            "seed": cfg.seed, "reward": result["mean_reward"], "kl": result["kl"],
+            "seconds": seconds,
+            "generated": cfg.population * int(np.asarray(rows["prompt_ids"]).size),
+            "backpropagated": 0, "n": result["n_examples"]}
+
+
+def grpo_point(out: Path, step: int, model: str, ranks: int) -> dict:
+    """A GRPO run's model after `step` steps scored on the held-out set, with its cost."""
+    record = json.loads((out / "grpo.json").read_text())
+    saved = record["saved"][str(step)]
+    result = held_out(str(out / f"step-{step}"), model, record["task"],
+                      record["max_new_tokens"], out / f"heldout{step}.json", ranks)
+    return {"method": "GRPO", "setting": f"beta {record['beta']:g}, lr {record['lr']:g}",
+            "seed": record["seed"], "reward": result["mean_reward"], "kl": result["kl"],
+            "seconds": saved["wall_s"], "generated": saved["completions_generated"],
+            "backpropagated": saved["completions_backpropagated"], "n": result["n_examples"]}
+
+
+def rl(args: argparse.Namespace) -> list[dict]:
+    """Train what is missing (ES per seed, GRPO per beta and seed), score every final
+    model on the whole held-out set; the points, base model first."""
+    if (missing := [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]):
+        sys.exit(f"experiments: {' and '.join(missing)} missing; the GRPO baseline needs "
+                 "the RL extra: pip install 'es-mpi[rl]'")
+    args.out.mkdir(parents=True, exist_ok=True)
+    es = [train(CONCISENESS_PRESET, args.task, args.model, args.out, "lowrank", seed,
+                args.ranks, []) for seed in args.seeds]
+    grpo = []
+    for beta in args.betas:
+        for seed in args.seeds:
+            out = args.out / "grpo" / f"{args.task}-beta{beta}-s{seed}"
+            if not (out / "grpo.json").exists():
+                run([sys.executable, ROOT / "tools/grpo.py", "--model", args.model,
+                     "--task", args.task, "--beta", beta, "--seed", seed, "--steps",
+                     args.steps, "--lr", args.lr, "--out", out])
+            grpo.append(out)
+    from es_mpi import presets
+
+    tokens = presets.load(CONCISENESS_PRESET)["max_new_tokens"]
+    base = held_out(args.model, args.model, args.task, tokens,
+                    args.out / f"{args.task}-base.heldout.json", args.ranks)
+    points = [{"method": "base model", "setting": "", "seed": None,
+               "reward": base["mean_reward"], "kl": base["kl"], "seconds": 0.0,
+               "generated": 0, "backpropagated": 0, "n": base["n_examples"]}]
+    points += [es_point(p, args.ranks) for p in es]
+    points += [grpo_point(out, args.steps, args.model, args.ranks) for out in grpo]
+    return points
+
+
+def rl_table(points: list[dict]) -> str:
+    """Markdown: mean +- std over seeds per method and setting, then one row per run."""
+    def spread(xs: list[float], digits: int) -> str:
+        if len(xs) == 1:
+            return f"{xs[0]:.{digits}f}"
+        return f"{np.mean(xs):.{digits}f} +- {np.std(xs):.{digits}f}"
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for p in points:
+        groups.setdefault((p["method"], p["setting"]), []).append(p)
+    head = ["method", "setting", "seeds", f"held-out reward ({points[0]['n']} prompts)",
+            "KL to base (nats/token)", "wall time", "completions generated",
+            "completions back-propagated"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (method, setting), g in groups.items():
+        lines.append("| " + " | ".join([
+            method, setting, str(len(g)) if g[0]["seed"] is not None else "",
+            spread([p["reward"] for p in g], 1), spread([p["kl"] for p in g], 3),
+            f"{np.mean([p['seconds'] for p in g]) / 60:.1f} min",
+            str(g[0]["generated"]), str(g[0]["backpropagated"])]) + " |")
+    lines += ["", "| method | setting | seed | held-out reward | KL to base |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {p['method']} | {p['setting']} | {p['seed']} | {p['reward']:.1f} | "
+              f"{p['kl']:.3f} |" for p in points if p["seed"] is not None]
+    return "\n".join(lines)
+
+
+def rl_plot(points: list[dict], path: Path) -> None:
+    """Held-out reward against KL to the base model: every run, and each setting's mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for p in points:
+        groups.setdefault((p["method"], p["setting"]), []).append(p)
+    markers = {"base model": "*", "ES": "o", "GRPO": "s"}
+    for (method, setting), g in groups.items():
+        label = f"{method}, {setting}" if setting else method
+        kl, reward = [p["kl"] for p in g], [p["reward"] for p in g]
+        line = ax.scatter(kl, reward, marker=markers[method], alpha=0.45, s=28)
+        ax.errorbar(np.mean(kl), np.mean(reward), xerr=np.std(kl), yerr=np.std(reward),
+                    fmt=markers[method], color=line.get_facecolor()[0][:3], ms=9,
+                    capsize=3, label=label)
+    ax.set_xlabel("KL to the base model (nats/token, held-out greedy completions)")
+    ax.set_ylabel("held-out reward (0 is best)")
+    ax.set_title("ES vs GRPO on conciseness: each run (faint) and mean +- std")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -260,7 +409,7 @@ def main() -> None:
     runs_parser("conciseness", "train + report + table, one run per seed", "conciseness",
                 ("conciseness", "conciseness-correct"), [0, 1, 2])
     runs_parser("reasoning", "arithmetic or Countdown: held-out accuracy before/after",
-                "arithmetic", ("arithmetic", "countdown"), [0])
+                "arithmetic-easy", tuple(REASONING_PRESETS), [0, 1])
     w = sub.add_parser("sweep", help="sigma x lr grid as a Slurm job array, then the report")
     w.add_argument("--sigmas", nargs="+", default=["0.005", "0.01"])
     w.add_argument("--lrs", nargs="+", default=["0.003", "0.006", "0.012"])
@@ -270,6 +419,17 @@ def main() -> None:
     w.add_argument("--out", type=Path, default=ROOT / "results")
     w.add_argument("-n", "--ranks", type=int, default=1, help="ranks per grid point")
     w.add_argument("--parallel", type=int, default=2, help="grid points running at once")
+    r = sub.add_parser("rl", help="ES against TRL's GRPO on conciseness: table and plot")
+    r.add_argument("--task", choices=("conciseness", "conciseness-correct"),
+                   default="conciseness")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--betas", nargs="+", default=["0", "0.01", "0.1"],
+                   help="GRPO KL weights")
+    r.add_argument("--steps", type=int, default=GRPO_STEPS)
+    r.add_argument("--lr", default=str(GRPO_LR), help="GRPO learning rate")
+    r.add_argument("--model", default=str(ROOT / "demo/model"))
+    r.add_argument("--out", type=Path, default=ROOT / "results")
+    r.add_argument("-n", "--ranks", type=int, default=2)
     t = sub.add_parser("table", help="the markdown table of finished runs")
     t.add_argument("runs", type=Path, nargs="+")
     t.add_argument("--curves", action="store_true",
@@ -282,8 +442,8 @@ def main() -> None:
 
     if args.what in ("conciseness", "reasoning"):
         args.out.mkdir(parents=True, exist_ok=True)
-        preset = {"conciseness": CONCISENESS_PRESET,
-                  "reasoning": "reasoning-lowrank-cpu"}[args.what]
+        preset = (CONCISENESS_PRESET if args.what == "conciseness"
+                  else REASONING_PRESETS[args.task])
         paths = [train(preset, args.task, args.model, args.out, args.mode, seed, args.ranks,
                        args.extra) for seed in args.seeds]
         run([BIN / "es-mpi", "report", *paths, "-o", args.out / f"{args.task}-{args.mode}"])
@@ -292,6 +452,11 @@ def main() -> None:
         paths = sweep(args)
         run([BIN / "es-mpi", "report", *paths, "-o", args.out / "sweep" / "report"])
         print(table(paths))
+    elif args.what == "rl":
+        points = rl(args)
+        rl_plot(points, args.out / f"{args.task}-es-vs-grpo.png")
+        (args.out / f"{args.task}-es-vs-grpo.json").write_text(json.dumps(points, indent=1))
+        print(rl_table(points))
     elif args.what == "table":
         print(curves(args.runs) if args.curves else table(args.runs))
     else:
