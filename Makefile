@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[mpich,dev,demo,rl]"
+	$(BIN)/python -m pip install -q -e ".[mpich,dev,demo,rl,track]"
 	touch $@
 
 $(DEMO)/model/config.json: $(VENV)/.installed tools/prepare_demo_model.py

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from es_mpi import hardware, lowrank, progress, report, runfile
+from es_mpi import hardware, lowrank, progress, report, runfile, tracking
 from es_mpi import model as hf
 from es_mpi.config import Config
 from es_mpi.dist import Dist, set_threads
@@ -65,6 +65,7 @@ def _prechecks(cfg: Config) -> tuple[Task, list]:
                       "--prompt-format raw, or auto (chat where there is a template)")
     if cfg.mode == "lowrank":
         lowrank.check_layout(cfg.model)
+    tracking.check(cfg.tensorboard)
     return check_task(cfg)
 
 
@@ -84,7 +85,9 @@ def train(cfg: Config, dist: Dist) -> None:
     task, train_examples = dist.collective(lambda: _prechecks(cfg))
     # absolute paths: resume and export may run from another directory
     cfg = cfg.replace(model=str(Path(cfg.model).resolve()),
-                      task_data=str(Path(cfg.task_data).resolve()) if cfg.task_data else "")
+                      task_data=str(Path(cfg.task_data).resolve()) if cfg.task_data else "",
+                      tensorboard=str(Path(cfg.tensorboard).resolve()) if cfg.tensorboard
+                      else "")
     info = dist.bcast(dist.root_first(lambda: _existing_run(cfg)))
     if info is not None:
         _continue(_auto_as_recorded(cfg, info), info, task, train_examples, dist)
@@ -171,8 +174,9 @@ def _open(cfg: Config, dist: Dist, task: Task, train_examples: list,
 def _run_loop(cfg: Config, dist: Dist, s, writer: runfile.RunWriter | None, start: int,
               fresh: bool) -> None:
     s.stop.install()
+    board = tracking.TensorBoard(cfg.tensorboard) if cfg.tensorboard and dist.is_root else None
     try:
-        train_loop(s, writer, start, fresh)
+        train_loop(s, writer, start, fresh, board)
     except Stopped as stopped:
         dist.print0(f"es-mpi: {stopped}; the run file has a checkpoint of generation "
                     f"{stopped.complete}. Continue with: es-mpi resume {cfg.run} "
@@ -181,6 +185,8 @@ def _run_loop(cfg: Config, dist: Dist, s, writer: runfile.RunWriter | None, star
     finally:
         if writer is not None:
             writer.close()
+        if board is not None:
+            board.close()
     _print_done(cfg, dist)
 
 

@@ -93,6 +93,10 @@ class Config:
         "model along their greedy completions (es_mpi.kl); this keeps a second copy of the "
         "model (its weights in the replica dtype) on every rank for the run, so it is off "
         "unless asked for (the demo presets ask).", resumable=True)
+    tensorboard: str = _field(
+        "", "Also write per-generation scalars and held-out evaluations as TensorBoard "
+        "event files into this directory, step = generation (needs the tensorboard "
+        "package; the run file stays the record).", resumable=True)
     checkpoint_every: int = _field(
         10, "Write a checkpoint delta every K generations (and at the end).", resumable=True
     )

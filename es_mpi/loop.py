@@ -28,6 +28,7 @@ from es_mpi.session import Session, prompt_ids_for
 from es_mpi.shaping import shape
 from es_mpi.stop import Stopped
 from es_mpi.timing import PhaseTimer
+from es_mpi.tracking import TensorBoard
 
 
 def run_generation(s: Session, t: int) -> tuple[dict, int]:
@@ -100,11 +101,13 @@ def _agree_after_update(s: Session, t: int, peak_eval: int) -> tuple[int, int, l
     return check, stop, [int(status[:, 2].max()), int(status[:, 3].max())]
 
 
-def train_loop(s: Session, writer: runfile.RunWriter | None, start: int, fresh: bool) -> None:
+def train_loop(s: Session, writer: runfile.RunWriter | None, start: int, fresh: bool,
+               board: TensorBoard | None = None) -> None:
     """Generations start..G-1; `fresh`: a new run, its base model scored first on the
-    held-out split. On a stop signal: rank 0 checkpoints, then Stopped on every rank."""
+    held-out split. On a stop signal: rank 0 checkpoints, then Stopped on every rank.
+    `board`: rank 0's TensorBoard writer (--tensorboard), fed as generations commit."""
     try:
-        _generations(s, writer, start, fresh)
+        _generations(s, writer, start, fresh, board)
     except Stopped as stopped:
         if writer is not None and stopped.complete > 0:
             if stopped.complete not in runfile.checkpoint_list(writer.f):
@@ -113,14 +116,16 @@ def train_loop(s: Session, writer: runfile.RunWriter | None, start: int, fresh: 
         raise
 
 
-def _generations(s: Session, writer: runfile.RunWriter | None, start: int,
-                 fresh: bool) -> None:
+def _generations(s: Session, writer: runfile.RunWriter | None, start: int, fresh: bool,
+                 board: TensorBoard | None) -> None:
     every, total = s.cfg.eval_every, s.cfg.generations
     show = progress.current(s.dist.is_root)  # rank 0's lines (--quiet/--verbose)
     if every and fresh:
         result = held_out(s, writer, 0)
         if writer is not None:
             writer.f.flush()
+        if board is not None:
+            board.held_out(0, result)
         show.info(f"gen 0: held-out {result.summary()}")
     for t in range(start, total):
         t_start = time.perf_counter()
@@ -131,6 +136,11 @@ def _generations(s: Session, writer: runfile.RunWriter | None, start: int,
                 result = held_out(s, writer, done)
             if s.dist.is_root:
                 write_generation(s, writer, t, row, t_start)
+        if board is not None:  # after the commit: the event files never run ahead of it
+            board.generation(t, row)
+            if result is not None:
+                board.held_out(done, result)
+            board.flush()
         if s.dist.is_root:
             show.generation(t, total, row, None if result is None else result.summary())
         if stop:
