@@ -168,3 +168,19 @@ def test_results_table_of_seeds_and_of_a_reward_that_is_not_a_distance(runs, tmp
     curves = experiments.curves([positive]).splitlines()
     assert curves[0] == "| run | 0 | 2 | 3 |"
     assert curves[2] == "| positive | 0.000 | 1.000 | 2.000 |"
+
+
+def test_results_table_has_a_kl_column_where_kl_was_measured(runs, tmp_path):
+    lines = experiments.table([runs["s0"]]).splitlines()
+    assert "KL to base" not in lines[0]  # not measured: NaN, no column
+    measured = tmp_path / "kl.h5"
+    shutil.copy(runs["s0"], measured)
+    with h5py.File(measured, "r+") as f:
+        scores = f["eval/mean_reward"][:]
+        kls = np.linspace(0.0, 0.5, len(scores))
+        f["eval/kl"][...] = kls
+    best = 1 + int(np.argmax(scores[1:]))
+    lines = experiments.table([measured, runs["s1"]]).splitlines()
+    assert "| KL to base: best / last |" in lines[0]
+    assert f"| {kls[best]:.3f} / {kls[-1]:.3f} |" in lines[2]
+    assert "| - / - |" in lines[3]  # the run without KL

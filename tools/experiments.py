@@ -67,6 +67,7 @@ def summarize(path: Path) -> dict:
     evals = runfile.read_evals(path)
     gens = runfile.read_generations(path, fields=("time_total",))
     gen_e, score_e, acc_e = evals["generation"], evals["mean_reward"], evals["accuracy"]
+    kl_e = evals["kl"]
     base = float(score_e[gen_e == 0][0])
     trained = gen_e > 0
     best_i = int(np.argmax(np.where(trained, score_e, -np.inf)))
@@ -78,6 +79,7 @@ def summarize(path: Path) -> dict:
     return {"run": str(path), "task": cfg.task, "mode": cfg.mode, "seed": cfg.seed,
             "sigma": cfg.sigma, "lr": cfg.lr,
             "accuracy": (float(acc_e[gen_e == 0][0]), float(acc_e[best_i]), float(acc_e[-1])),
+            "kl": (float(kl_e[best_i]), float(kl_e[-1])),
             "generations": info.complete_generations, "base": base,
             "best": float(score_e[best_i]), "best_generation": int(gen_e[best_i]),
             "reached": int(gen_e[reached[0]]) if reached.size else None,
@@ -93,11 +95,12 @@ def decimals(score: float) -> int:
 def table(paths: list[Path]) -> str:
     """Markdown: one row per run (held-out base, best, last; the share of the gap to 0
     closed where the reward is a negative distance, as in conciseness; accuracy where the
-    task has one; sigma and lr when they differ between the runs), then mean +- std per
-    mode over seeds."""
+    task has one; KL to the base model where measured; sigma and lr when they differ
+    between the runs), then mean +- std per mode over seeds."""
     rows = [summarize(p) for p in paths]
     gap = all(r["base"] < 0 for r in rows)
     accuracy = any(not np.isnan(r["accuracy"][0]) for r in rows)
+    kl = any(not np.isnan(r["kl"][1]) for r in rows)
     grid = len({(r["sigma"], r["lr"]) for r in rows}) > 1
     tasks = len({r["task"] for r in rows}) > 1
     digits = decimals(min((r["base"] for r in rows), key=abs))
@@ -114,7 +117,8 @@ def table(paths: list[Path]) -> str:
     head = [*(["task"] if tasks else []), "mode", *(["sigma", "lr"] if grid else []), "seed",
             "held-out base", "best (generation)", "at the last generation",
             *(["gap closed: best / last", f"{pct(TARGET_GAP)} closed at"] if gap else []),
-            *(["accuracy: base / best / last"] if accuracy else []), "wall time"]
+            *(["accuracy: base / best / last"] if accuracy else []),
+            *(["KL to base: best / last"] if kl else []), "wall time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [*([r["task"]] if tasks else []), r["mode"],
@@ -126,6 +130,8 @@ def table(paths: list[Path]) -> str:
                       "never" if r["reached"] is None else f"gen {r['reached']}"]
         if accuracy:
             cells.append(" / ".join(f"{a:.2f}" for a in r["accuracy"]))
+        if kl:
+            cells.append(" / ".join("-" if np.isnan(k) else f"{k:.3f}" for k in r["kl"]))
         lines.append("| " + " | ".join([*cells, f"{r['seconds'] / 60:.1f} min"]) + " |")
     if grid:
         return "\n".join(lines)
@@ -141,6 +147,8 @@ def table(paths: list[Path]) -> str:
         if accuracy:
             cells.append("best " + spread([r["accuracy"][1] for r in group],
                                           lambda x: f"{x:.2f}"))
+        if kl:
+            cells.append("last " + spread([r["kl"][1] for r in group], lambda x: f"{x:.3f}"))
         lines.append("| " + " | ".join([*cells, ""]) + " |")
     return "\n".join(lines)
 
