@@ -43,11 +43,14 @@ def es_update_(master: Mapping[str, torch.Tensor], seeds_n: np.ndarray, signs_n:
                z_n: np.ndarray, lr: float, weight_decay: float = 0.0,
                anchor: Mapping[str, torch.Tensor] | None = None,
                noise: FullNoise | LowRankNoise | None = None,
-               work: dict[torch.device, torch.Tensor] | None = None) -> None:
+               work: dict[torch.device, torch.Tensor] | None = None,
+               sums: dict[str, int] | None = None) -> None:
     """theta += lr/N * sum_i z_i * sign_i * eps_i  (- lr * wd * (theta - anchor)), in place.
 
     The same inputs give bit-identical results on every rank: members are summed in
-    member order and every tensor's noise is regenerated from its seed.
+    member order and every tensor's noise is regenerated from its seed. `sums`: also
+    fill it with each updated tensor's bit sum (`checksum_of`), read while the tensor
+    is still in cache.
     """
     noise = noise or FullNoise()
     n = len(z_n)
@@ -64,20 +67,31 @@ def es_update_(master: Mapping[str, torch.Tensor], seeds_n: np.ndarray, signs_n:
         if terms:
             noise.add_update_(theta, name, terms, lr / n,
                               work[theta.device] if work is not None else None)
+        if sums is not None:
+            sums[name] = bit_sum(theta)
 
 
-def checksum(tensors: Mapping[str, torch.Tensor]) -> int:
-    """A 63-bit fingerprint of tensors' exact bits (integer sums, so order-free and exact)."""
+_INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def bit_sum(t: torch.Tensor) -> int:
+    """The exact sum of a tensor's elements read as integers of their width."""
+    bits = t.detach().contiguous().view(_INT_VIEW[t.element_size()]).reshape(-1)
+    total = 0
+    for chunk in bits.split(1 << 22):
+        if chunk.device.type == "cpu":  # numpy's widening sum: ~9x torch's on a CPU
+            total += int(np.add.reduce(chunk.numpy(), dtype=np.int64))
+        else:
+            total += int(chunk.sum(dtype=torch.int64))
+    return total
+
+
+def checksum(tensors: Mapping[str, torch.Tensor], sums: Mapping[str, int] | None = None) -> int:
+    """A 63-bit fingerprint of tensors' exact bits (integer sums, so order-free and exact).
+    `sums`: their bit sums where already taken (es_update_), the same numbers."""
     h = hashlib.blake2b(digest_size=8, person=b"es-mpi-check")
-    int_view = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
     for name, t in tensors.items():
-        bits = t.detach().contiguous().view(int_view[t.element_size()]).reshape(-1)
-        total = 0
-        for chunk in bits.split(1 << 22):
-            if chunk.device.type == "cpu":  # numpy's widening sum: ~9x torch's on a CPU
-                total += int(np.add.reduce(chunk.numpy(), dtype=np.int64))
-            else:
-                total += int(chunk.sum(dtype=torch.int64))
+        total = sums[name] if sums is not None and name in sums else bit_sum(t)
         h.update(name.encode())
         h.update(total.to_bytes(16, "little", signed=True))
         h.update(str(tuple(t.shape)).encode())
@@ -177,19 +191,25 @@ class Replica:
                 p.data.copy_(self.master[name])
         self._perturbed = None
 
-    def update(self, seeds_n, signs_n, z_n, lr, weight_decay=0.0, anchor=None) -> None:
+    def update(self, seeds_n, signs_n, z_n, lr, weight_decay=0.0, anchor=None,
+               with_checksum: bool = False) -> int | None:
+        """The ES update of the master, copied into the parameters; `with_checksum`: return
+        the new weights' checksum (taken tensor by tensor as each is updated, the same
+        number as `checksum()` after the update, one pass over memory fewer)."""
+        sums: dict[str, int] | None = {} if with_checksum else None
         if not self.on_host:
             es_update_(self.master, seeds_n, signs_n, z_n, lr, weight_decay, anchor,
-                       self.noise)
+                       self.noise, sums=sums)
         else:  # tensor by tensor on its device, then back to the host master
             if self._work is None and self.noise.needs_work:
                 self._work = _work(self.params)
             for name, host in self.master.items():
                 theta = self._staged(name)
                 es_update_({name: theta}, seeds_n, signs_n, z_n, lr, weight_decay, anchor,
-                           self.noise, self._work)
+                           self.noise, self._work, sums)
                 host.copy_(theta)
         self.restore()
+        return None if sums is None else checksum(self.master, sums)
 
     def checksum(self) -> int:
         return checksum(self.master)

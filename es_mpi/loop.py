@@ -54,11 +54,13 @@ def run_generation(s: Session, t: int) -> tuple[dict, int]:
         rows = rows[np.argsort(rows["member"], kind="stable")]
         _check_rows(s, rows, seeds_n, error, t)
     rewards_n = rows["reward"].astype(np.float64)
-    with timer("update"):
+    due = (t + 1) % cfg.checksum_every == 0
+    with timer("update"):  # with the checksum when due or on rank 0 (the run file's)
         z_n = shape(rewards_n, cfg.shaping)
-        s.replica.update(seeds_n, signs_n, z_n, cfg.lr, cfg.weight_decay, s.anchor)
+        summed = s.replica.update(seeds_n, signs_n, z_n, cfg.lr, cfg.weight_decay, s.anchor,
+                                 with_checksum=due or dist.is_root)
     with timer("checksum"):
-        check, stop, peaks = _agree_after_update(s, t, peak_eval)
+        check, stop, peaks = _agree_after_update(s, t, summed or 0, due, peak_eval)
     row = {"seeds": seeds_n, "signs": signs_n, "rewards": rewards_n, "tokens": rows["tokens"],
            "eval_seconds": rows["seconds"], "eval_rank": rows["rank"], "prompt_ids": prompt_ids,
            "reward_mean": rewards_n.mean(), "reward_std": rewards_n.std(),
@@ -85,11 +87,10 @@ def _check_rows(s: Session, rows: np.ndarray, seeds_n: np.ndarray, error: str | 
         raise RuntimeError(f"generation {t}: gathered rows do not match the member seeds")
 
 
-def _agree_after_update(s: Session, t: int, peak_eval: int) -> tuple[int, int, list[int]]:
+def _agree_after_update(s: Session, t: int, check: int, due: bool,
+                        peak_eval: int) -> tuple[int, int, list[int]]:
     """The second collective: weight checksums when due (replicas must agree), any rank's
     stop signal and the ranks' peak memory. Returns (checksum or 0, signal, peaks)."""
-    due = (t + 1) % s.cfg.checksum_every == 0
-    check = s.replica.checksum() if s.dist.is_root or due else 0
     status = s.dist.allgather_ints([check if due else 0, s.stop.signum, peak_eval,
                                     memory.peak_bytes(s.devices)])
     bad = [r for r, c in enumerate(status[:, 0]) if c != status[0, 0]]

@@ -139,16 +139,13 @@ def test_mirror_member_is_the_same_with_or_without_its_pair_held():
     assert torch.equal(params["w"].detach(), rep.master["w"])
 
 
-def test_checksum_is_the_documented_fingerprint_of_the_bits():
-    """The value run files record (replay checks against it, so it may never change):
-    BLAKE2b-64 (person es-mpi-check) over each tensor's name, the exact sum of its bits
+def reference_checksum(tensors) -> int:
+    """BLAKE2b-64 (person es-mpi-check) over each tensor's name, the exact sum of its bits
     read as signed integers of its element size (16 bytes, little-endian), and its shape;
-    recomputed here in plain Python, element by element."""
+    in plain Python, element by element."""
     import hashlib
     import struct
 
-    tensors = {"w": torch.randn(5, 3), "b": torch.randn(7).to(torch.bfloat16),
-               "big": torch.randn(3 * (1 << 22) // 2)}  # more than one 4M chunk
     h = hashlib.blake2b(digest_size=8, person=b"es-mpi-check")
     for name, t in tensors.items():
         raw = t.contiguous().view(torch.uint8).numpy().tobytes()
@@ -157,4 +154,29 @@ def test_checksum_is_the_documented_fingerprint_of_the_bits():
         h.update(name.encode())
         h.update(total.to_bytes(16, "little", signed=True))
         h.update(str(tuple(t.shape)).encode())
-    assert checksum(tensors) == int.from_bytes(h.digest(), "little") & (2**63 - 1)
+    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
+
+
+def test_checksum_is_the_documented_fingerprint_of_the_bits():
+    """The value run files record (replay checks against it, so it may never change)."""
+    tensors = {"w": torch.randn(5, 3), "b": torch.randn(7).to(torch.bfloat16),
+               "big": torch.randn(3 * (1 << 22) // 2)}  # more than one 4M chunk
+    assert checksum(tensors) == reference_checksum(tensors)
+
+
+@pytest.mark.parametrize("on_host", [False, True])
+def test_update_with_checksum_returns_the_new_weights_fingerprint(on_host):
+    """The checksum taken tensor by tensor during the update is the fingerprint of the
+    weights after it, and the update is the same with or without it."""
+    module = torch.nn.Linear(6, 4)
+    params = dict(module.named_parameters())
+    plain = Replica({n: torch.nn.Parameter(p.detach().clone()) for n, p in params.items()})
+    fused = Replica(params, master_on_host=on_host)
+    seeds_n, signs_n = member_seeds(3, 0, 4, True)
+    z_n = shape(np.array([1.0, -2.0, 0.5, 3.0]), "zscore")
+    assert plain.update(seeds_n, signs_n, z_n, 0.01, 0.1) is None
+    check = fused.update(seeds_n, signs_n, z_n, 0.01, 0.1, with_checksum=True)
+    weights = {n: p.detach() for n, p in params.items()}
+    assert check == reference_checksum(weights) == reference_checksum(plain.master)
+    for name, p in params.items():
+        assert torch.equal(p.detach(), plain.params[name].detach())

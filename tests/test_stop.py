@@ -96,10 +96,11 @@ SIGNAL_ON_RANK1 = textwrap.dedent("""
     calls = []
 
     def patched(self, *args, **kw):
-        method(self, *args, **kw)
+        result = method(self, *args, **kw)
         calls.append(1)
         if MPI.COMM_WORLD.rank == 1 and len(calls) == WHEN:
             os.kill(os.getpid(), signal.SIGUSR1)
+        return result
 
     Replica.{method} = patched
     cli(sys.argv[1:])
