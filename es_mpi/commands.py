@@ -80,14 +80,17 @@ def _check_context(cfg: Config) -> None:
                       f"{cfg.model} ({limit} positions, prompt included); use fewer new tokens")
 
 
+def _absolute(path: str) -> str:
+    """A path setting made absolute; "" (not set) stays ""."""
+    return str(Path(path).resolve()) if path else ""
+
+
 def train(cfg: Config, dist: Dist) -> None:
     """Start a run, or continue the one in cfg.run if it was made with the same config."""
     task, train_examples = dist.collective(lambda: _prechecks(cfg))
     # absolute paths: resume and export may run from another directory
-    cfg = cfg.replace(model=str(Path(cfg.model).resolve()),
-                      task_data=str(Path(cfg.task_data).resolve()) if cfg.task_data else "",
-                      tensorboard=str(Path(cfg.tensorboard).resolve()) if cfg.tensorboard
-                      else "")
+    cfg = cfg.replace(model=_absolute(cfg.model), task_data=_absolute(cfg.task_data),
+                      tensorboard=_absolute(cfg.tensorboard))
     info = dist.bcast(dist.root_first(lambda: _existing_run(cfg)))
     if info is not None:
         _continue(_auto_as_recorded(cfg, info), info, task, train_examples, dist)

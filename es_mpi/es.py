@@ -49,7 +49,7 @@ def es_update_(master: Mapping[str, torch.Tensor], seeds_n: np.ndarray, signs_n:
 
     The same inputs give bit-identical results on every rank: members are summed in
     member order and every tensor's noise is regenerated from its seed. `sums`: also
-    fill it with each updated tensor's bit sum (`checksum_of`), read while the tensor
+    fill it with each updated tensor's bit sum (`bit_sum`), read while the tensor
     is still in cache.
     """
     noise = noise or FullNoise()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,15 +20,28 @@ ES_MPI = shutil.which("es-mpi", path=str(BIN)) or shutil.which("es-mpi")
 MPIEXEC = shutil.which("mpiexec", path=str(BIN)) or shutil.which("mpiexec")
 
 
-def need_mpiexec() -> None:
-    """Tests that launch ranks need mpiexec: in CI (CI=true) its absence fails the test;
-    on a developer's machine the test is skipped, with the reason printed (-rs)."""
-    if MPIEXEC:
+def need(missing: str | None, install: str) -> None:
+    """A test needs a component: `missing` names what is absent (None: all there). In CI
+    (CI=true) its absence fails the test; on a developer's machine the test is skipped,
+    with the reason printed (-rs)."""
+    if missing is None:
         return
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("mpiexec not found, and CI=true: tests that launch MPI ranks must run "
-                    "(install es-mpi[mpich] or an MPI with mpiexec on PATH)")
-    pytest.skip("mpiexec not found (pip install mpich, or an MPI on PATH)")
+        pytest.fail(f"{missing} not found, and CI=true: the tests that need it must run "
+                    f"({install})")
+    pytest.skip(f"{missing} not found ({install})")
+
+
+def need_mpiexec() -> None:
+    """Tests that launch ranks need mpiexec."""
+    need(None if MPIEXEC else "mpiexec",
+         "install es-mpi[mpich], or an MPI with mpiexec on PATH")
+
+
+def need_modules(*names: str, extra: str) -> None:
+    """Tests of an optional extra need its Python packages."""
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    need(" and ".join(missing) or None, f"pip install 'es-mpi[{extra}]'")
 
 
 @pytest.fixture(scope="session")

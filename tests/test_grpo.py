@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from conftest import cli_env, run_cli
+from conftest import cli_env, need_modules, run_cli
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-
-
-def need_trl() -> None:
-    """TRL is an optional extra (es-mpi[rl]); CI installs it, so there its absence fails."""
-    missing = [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]
-    if not missing:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{', '.join(missing)} not installed, and CI=true: install es-mpi[rl]")
-    pytest.skip(f"{', '.join(missing)} not installed (pip install 'es-mpi[rl]')")
 
 
 def weights(path: Path) -> dict:
@@ -32,7 +19,7 @@ def weights(path: Path) -> dict:
 
 
 def test_grpo_trains_counts_its_work_and_saves_models_es_mpi_eval_scores(tiny_model, tmp_path):
-    need_trl()
+    need_modules("trl", "datasets", extra="rl")  # CI installs the extra
     out = tmp_path / "grpo"
     cmd = [sys.executable, str(ROOT / "tools/grpo.py"), "--model", str(tiny_model),
            "--task", "conciseness", "--beta", "0.1", "--seed", "3", "--steps", "2",

@@ -3,25 +3,13 @@ TensorBoard's own reader and compared with the run file read by h5py."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import h5py
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import need_modules, run_cli
 
 from es_mpi import tracking
 from es_mpi.errors import EsError
-
-
-def need_tensorboard() -> None:
-    """tensorboard is optional (es-mpi[track]); CI installs it, so there its absence fails."""
-    if importlib.util.find_spec("tensorboard") is not None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("tensorboard not installed, and CI=true: install es-mpi[track]")
-    pytest.skip("tensorboard not installed (pip install 'es-mpi[track]')")
 
 
 def scalars(directory) -> dict[str, list[tuple[int, float]]]:
@@ -34,7 +22,7 @@ def scalars(directory) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tensorboard_holds_the_run_files_scalars_across_a_resume(tiny_model, tmp_path):
-    need_tensorboard()
+    need_modules("tensorboard", extra="track")  # CI installs the extra
     run, board = tmp_path / "run.h5", tmp_path / "board"
     args = ["train", "--model", tiny_model, "--run", run, "--population", "4", "--antithetic",
             "--max-new-tokens", "4", "--eval-every", "2", "--eval-limit", "2",

@@ -2,7 +2,9 @@
 
     python tools/experiments.py conciseness [--mode lowrank|full] [--seeds 0 1 2]
                                             [--task conciseness|conciseness-correct]
-    python tools/experiments.py reasoning --task arithmetic|countdown [--seeds 0]
+    python tools/experiments.py reasoning [--task arithmetic-easy|arithmetic|countdown]
+                                          [--seeds 0 1]
+    python tools/experiments.py rl [--seeds 0 1 2] [--betas 0 0.01 0.1]  # ES vs TRL GRPO
     python tools/experiments.py sweep [--sigmas ...] [--lrs ...]  # Slurm job array
     python tools/experiments.py table RUN.h5 [RUN.h5 ...]     # the results table again
     python tools/experiments.py table --curves RUN.h5 [...]   # held-out score per evaluation
@@ -13,7 +15,11 @@
 correct-and-short reward of --task conciseness-correct) once per seed under
 `mpiexec -n 2` with one thread per rank, writes results/TASK-MODE-sSEED.h5, the overlay
 report results/TASK-MODE/ and prints the markdown table. `reasoning` does the same with
-the `reasoning-lowrank-cpu` preset on arithmetic or Countdown. `sweep` submits
+the `reasoning-easy-lowrank-cpu` preset on arithmetic-easy (`reasoning-lowrank-cpu` on
+arithmetic or Countdown). `rl` trains ES (conciseness-lowrank-cpu) and TRL's GRPO
+(tools/grpo.py, the `rl` extra) per seed and KL weight, scores every final model with
+`es-mpi eval --json` on the whole held-out set (KL to the base model included) and
+prints the ES vs GRPO table and draws results/TASK-es-vs-grpo.png. `sweep` submits
 slurm/sweep_array.sbatch as a job array to the Slurm cluster in SLURM_CONF (a local one:
 `tools/slurm_cluster.sh start`), one rank per grid point, waits for it, then writes the
 overlay report results/sweep/report and the table. Runs already complete are not trained
@@ -341,6 +347,14 @@ def rl(args: argparse.Namespace) -> list[dict]:
     return points
 
 
+def by_setting(points: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """The points grouped by (method, setting), in first-seen order (seeds together)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for p in points:
+        groups.setdefault((p["method"], p["setting"]), []).append(p)
+    return groups
+
+
 def rl_table(points: list[dict]) -> str:
     """Markdown: mean +- std over seeds per method and setting, then one row per run."""
     def spread(xs: list[float], digits: int) -> str:
@@ -348,14 +362,11 @@ def rl_table(points: list[dict]) -> str:
             return f"{xs[0]:.{digits}f}"
         return f"{np.mean(xs):.{digits}f} +- {np.std(xs):.{digits}f}"
 
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for p in points:
-        groups.setdefault((p["method"], p["setting"]), []).append(p)
     head = ["method", "setting", "seeds", f"held-out reward ({points[0]['n']} prompts)",
             "KL to base (nats/token)", "wall time", "completions generated",
             "completions back-propagated"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (method, setting), g in groups.items():
+    for (method, setting), g in by_setting(points).items():
         lines.append("| " + " | ".join([
             method, setting, str(len(g)) if g[0]["seed"] is not None else "",
             spread([p["reward"] for p in g], 1), spread([p["kl"] for p in g], 3),
@@ -376,11 +387,8 @@ def rl_plot(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for p in points:
-        groups.setdefault((p["method"], p["setting"]), []).append(p)
     markers = {"base model": "*", "ES": "o", "GRPO": "s"}
-    for (method, setting), g in groups.items():
+    for (method, setting), g in by_setting(points).items():
         label = f"{method}, {setting}" if setting else method
         kl, reward = [p["kl"] for p in g], [p["reward"] for p in g]
         line = ax.scatter(kl, reward, marker=markers[method], alpha=0.45, s=28)

@@ -55,6 +55,7 @@ def main() -> None:
     args = parse()
     try:
         import torch
+        import trl
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
         from trl import GRPOConfig, GRPOTrainer
@@ -115,7 +116,7 @@ def main() -> None:
               "beta": args.beta, "seed": args.seed, "steps": args.steps, "lr": args.lr,
               "generations": args.generations, "prompts": len(examples),
               "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-              "loss_type": config.loss_type, "trl": __import__("trl").__version__,
+              "loss_type": config.loss_type, "trl": trl.__version__,
               "wall_s": wall, **counts, "saved": saved, "per_step": per_step}
     (args.out / "grpo.json").write_text(json.dumps(record, indent=1))
     print(f"grpo: {args.steps} steps in {wall:.0f} s; saved steps {sorted(saved)} under "
