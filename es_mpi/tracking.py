@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 from es_mpi.errors import EsError
@@ -32,10 +33,21 @@ GENERATION_TAGS = {
 
 
 def check(directory: str) -> None:
-    """Cheap, on every rank: the option's package is installed (else one error line)."""
-    if directory and importlib.util.find_spec("tensorboard") is None:
+    """Cheap, on every rank, before any model loads: the option's package is installed
+    and the directory can be made where it is asked for (else one error line)."""
+    if not directory:
+        return
+    if importlib.util.find_spec("tensorboard") is None:
         raise EsError("--tensorboard needs the tensorboard package, which is not installed: "
                       "pip install tensorboard (or es-mpi[track]), or leave the option out")
+    path = Path(directory)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise EsError(f"--tensorboard {directory}: {existing} exists and is not a directory; "
+                      "give a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EsError(f"--tensorboard {directory}: no permission to write in {existing}; "
+                      "give a directory you can write")
 
 
 class TensorBoard:

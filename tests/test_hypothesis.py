@@ -26,6 +26,9 @@ from es_mpi.errors import EsError
 from tasks import get_task
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# directory settings: any text names a directory (a flag's 0 is the directory "0"), so
+# what is bad there is a path that cannot be one: under a file (/dev/null is not a folder)
+BAD_PATHS = {"tensorboard": "/dev/null/board"}
 MAX_COUNT = getattr(config_module, "MAX_COUNT", 2**31 - 1)
 # the smallest valid value of each integer field (beyond it: invalid)
 INT_MIN = {"population": 2, "seed": 0, "batch_size": 0, "eval_every": 0, "eval_limit": 0,
@@ -69,6 +72,8 @@ def bad_values(name: str) -> st.SearchStrategy:
                          st.integers(), st.none())
     bad_type = st.one_of(st.integers(), st.floats(), st.none(), st.booleans(),
                          st.lists(st.text(max_size=3), max_size=2))
+    if name in BAD_PATHS:
+        return st.one_of(bad_type, st.just(BAD_PATHS[name]))
     return st.one_of(bad_type, st.just("")) if name == "task" else bad_type
 
 
@@ -80,6 +85,9 @@ field_and_bad_value = st.sampled_from(sorted(FIELDS)).flatmap(
 @settings(max_examples=400, deadline=None)
 def test_every_invalid_config_value_is_one_named_error(case):
     name, value = case
+    # a path that cannot be a directory is refused by train's checks, not by the config
+    # (a run file's config is read on machines where its paths do not exist)
+    assume(name not in BAD_PATHS or value != BAD_PATHS[name])
     with pytest.raises(EsError) as info:
         Config.from_dict({"model": "m", name: value})
     assert str(info.value).startswith(f"config: {name} = "), str(info.value)
@@ -184,7 +192,8 @@ def _flag_text(value) -> str:
 
 cli_cases = st.sampled_from(sorted(n for n, f in FIELDS.items()
                                    if n not in ("model", "run") and f.type != "bool")).flatmap(
-    lambda name: st.tuples(st.just(name), bad_values(name).filter(lambda v: v is not None)))
+    lambda name: st.tuples(st.just(name), bad_values(name).filter(
+        lambda v: v is not None and (name not in BAD_PATHS or v == BAD_PATHS[name]))))
 
 
 @given(cli_cases)

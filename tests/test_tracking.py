@@ -58,3 +58,14 @@ def test_a_missing_tensorboard_is_one_error_before_any_work(monkeypatch):
     with pytest.raises(EsError, match="--tensorboard needs the tensorboard package"):
         tracking.check("runs/board")
     tracking.check("")  # not asked for: nothing to check
+
+
+def test_a_directory_that_cannot_be_made_is_one_error(tmp_path):
+    need_modules("tensorboard", extra="track")
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(EsError, match=f"--tensorboard {afile}/board: {afile} exists and is "
+                       "not a directory"):
+        tracking.check(str(afile / "board"))
+    tracking.check(str(tmp_path / "new" / "board"))  # made when the run starts
+    assert not (tmp_path / "new").exists()  # the check itself makes nothing
