@@ -1,4 +1,4 @@
-"""Lowrank mode computes what it claims: batched hooks == materialized perturbed weights."""
+"""Lowrank mode computes what it claims: batched members == materialized perturbed weights."""
 
 from __future__ import annotations
 
@@ -70,6 +70,43 @@ def test_batched_members_equal_materialized_weights(model64, rank):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     # hooks are gone after the block
     torch.testing.assert_close(model64(input_ids=prompts).logits, base, rtol=0, atol=0)
+
+
+def test_a_forward_already_wrapped_by_accelerate_is_kept(tmp_path):
+    """accelerate's device hooks replace a module's forward on the instance (a replica
+    loaded with a device_map): lowrank wraps that forward for the block, the members
+    still equal their written-out weights, and afterwards each module has the very
+    forward it had before, hook and all."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+    from transformers import AutoModelForCausalLM
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path), dtype=torch.float64)
+    matrices = lowrank.perturbed_matrices(model)
+    modules = [use.module for uses in matrices.values() for use in uses]
+    for module in modules:
+        add_hook_to_module(module, Count())
+    before = [module.__dict__["forward"] for module in modules]
+    torch.manual_seed(1)
+    prompts = torch.randint(3, model.config.vocab_size, (2, 5))
+    master = {n: p.data for n, p in model.named_parameters() if n in matrices}
+    seeds, signs, sigma = [7, 7], [1, -1], 0.05
+    with torch.no_grad(), lowrank.population(matrices, master, LowRankNoise(1), seeds, signs,
+                                             sigma, rows=4):
+        batched = model(input_ids=prompts.repeat(2, 1)).logits
+    assert Count.calls == len(modules)  # accelerate's forward ran inside the wrapper
+    assert [module.__dict__["forward"] for module in modules] == before
+    for module in modules:  # a plain model for the written-out weights below
+        remove_hook_from_module(module)
+    for k, (seed, sign) in enumerate(zip(seeds, signs, strict=True)):
+        want = materialized_logits(model, (seed, sign), sigma, 1, prompts)
+        torch.testing.assert_close(batched[2 * k:2 * k + 2], want, rtol=1e-9, atol=1e-9)
 
 
 def test_every_matrix_is_perturbed_and_nothing_else(model64):
