@@ -196,8 +196,8 @@ def _forward(f: _Member, forward):
     a forward hook takes torch's slower call path), and it takes the input-side product
     before the module's own product: the weight's GEMM streams the weights through the
     caches, and a small op right after it runs cold. On the demo model (CPU, one decode
-    step of 16 rows, medians of 150-200 alternated steps) each change took about 1% off
-    the step: 1.107x -> 1.091x plain with 2 threads, 1.062x -> 1.051x with one."""
+    step of 16 rows, 200 alternated steps, tools/lowrank_step.py) the two took the step
+    from 1.111x to 1.095x plain with 2 threads and from 1.071x to 1.053x with one."""
     device = f.back.device
     embedding, outer = f.use.layout == EMBEDDING, f.back.shape[1] == 1
 

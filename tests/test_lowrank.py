@@ -68,7 +68,7 @@ def test_batched_members_equal_materialized_weights(model64, rank):
         got = batched[2 * k:2 * k + 2]
         assert (got - base).abs().max() > 1e-3  # the perturbation does something
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-    # hooks are gone after the block
+    # the wrappers are gone after the block
     torch.testing.assert_close(model64(input_ids=prompts).logits, base, rtol=0, atol=0)
 
 
