@@ -2,14 +2,15 @@
 
     python tools/lowrank_step.py [--model demo/model] [--steps 200] [--threads 2]
 
-Builds bench's batch (N members x the task's training prompts, one row block per member),
-prefills it once, then times single decode steps on that KV cache (each step's new
-entry is dropped again), plain and lowrank in random order, and prints each one's median
-step time and the median (and quartiles) of the paired ratios lowrank / plain. Whole
-`generate` timings on a shared machine drift by several percent from round to round;
-neighbouring steps share the drift, so this resolves changes of about 1%. The factors are
-drawn once, outside the timed steps (bench's `perturb` phase), and the plain step runs
-with lowrank's forwards taken off the modules; prefill is not included.
+Builds one group of generation 0's members (the automatic member batch, as train
+decides it) x the task's training prompts, a row block per member, prefills it once,
+then times single decode steps on that KV cache (each step's new entry is dropped
+again), plain and lowrank in random order, and prints each one's median step time and
+the median (and quartiles) of the paired ratios lowrank / plain. Whole `generate`
+timings on a shared machine drift by several percent from round to round; neighbouring
+steps share the drift, so this resolves changes of about 1%. The factors are drawn
+once, outside the timed steps (bench's `perturb` phase), and the plain step runs with
+lowrank's forwards taken off the modules; prefill is not included.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main(argv: list[str]) -> None:
 
     from es_mpi import lowrank
     from es_mpi.bench import Runner
+    from es_mpi.noise import member_seeds
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -45,10 +47,12 @@ def main(argv: list[str]) -> None:
                 lr=5e-4, rank=args.rank, antithetic=True, dtype="auto", member_batch=0)
     run = Runner("lowrank", opts)
     run.warm_up()
-    s, n = run.s, args.population
+    s, cfg = run.s, run.cfg
+    n = cfg.member_batch  # one group of generation 0's members, as train evaluates them
+    seeds_n, signs_n = member_seeds(cfg.seed, 0, cfg.population, cfg.antithetic)
+    seeds, signs = [int(x) for x in seeds_n[:n]], [int(x) for x in signs_n[:n]]
     batch = {k: v.repeat(n, 1) for k, v in run.batch.items()}
     rows = batch["input_ids"].shape[0]
-    seeds, signs = [1000 + i // 2 for i in range(n)], [1, -1] * (n // 2) + [1] * (n % 2)
 
     with torch.no_grad():
         out = s.model(**batch, use_cache=True)
@@ -87,7 +91,9 @@ def main(argv: list[str]) -> None:
                     times[perturbed].append(step(perturbed)[0])
     run.close()
     ratios = sorted(a / b for a, b in zip(times[True], times[False], strict=True))
-    quartile = lambda q: ratios[round(q * (len(ratios) - 1))]  # noqa: E731
+
+    def quartile(q: float) -> float:
+        return ratios[round(q * (len(ratios) - 1))]
     print(f"{s.model.config.model_type}, {rows} rows ({n} members), "
           f"{torch.get_num_threads()} thread(s), {args.steps} steps each")
     print(f"plain step   {statistics.median(times[False]) * 1e3:8.1f} ms (median)")
