@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from es_mpi import hardware, lowrank, progress, report, runfile, tracking
+from es_mpi import devices, lowrank, progress, report, runfile, tracking
 from es_mpi import model as hf
 from es_mpi.config import Config
 from es_mpi.dist import Dist, set_threads
@@ -111,6 +111,7 @@ def train(cfg: Config, dist: Dist) -> None:
     show.info(f"es-mpi: {cfg.population} members x {n_prompts(cfg, train_examples)} prompts, "
               f"{dist.size} rank(s), task {cfg.task}, mode {_mode(cfg)}; run file {cfg.run}")
     _note_idle_ranks(cfg, dist, show)
+    _note_rounding(cfg, s, show)
     _run_loop(cfg, dist, s, writer, 0, fresh=True)
 
 
@@ -154,11 +155,12 @@ def _continue(cfg: Config, info: runfile.RunInfo, task: Task, train_examples: li
     show = progress.current(dist.is_root)
     show.info(f"es-mpi: resuming {cfg.run} at generation {done} of {cfg.generations} "
               f"on {dist.size} rank(s)")
-    if not hardware.same_arithmetic(info.machine, s.machine):
-        show.info(f"es-mpi: note: generations so far ran on {hardware.label(info.machine)}, "
-                  f"the next ones run on {hardware.label(s.machine)}; they continue exactly "
+    if not devices.same_arithmetic(info.machine, s.machine):
+        show.info(f"es-mpi: note: generations so far ran on {devices.label(info.machine)}, "
+                  f"the next ones run on {devices.label(s.machine)}; they continue exactly "
                   "from the weights, but would round differently there")
     _note_idle_ranks(cfg, dist, show)
+    _note_rounding(cfg, s, show)
     _run_loop(cfg, dist, s, writer, done, fresh=False)
 
 
@@ -169,7 +171,7 @@ def _open(cfg: Config, dist: Dist, task: Task, train_examples: list,
     recorded = info.machine.get("dtype") if info is not None and info.machine else None
     s = dist.collective(lambda: open_session(cfg, dist, task, train_examples, recorded))
     machines = dist.allgather(s.machine)
-    hardware.check_uniform(machines)  # the same list on every rank: all raise together
+    devices.check_uniform(machines)  # the same list on every rank: all raise together
     decide_batches(s)
     return s
 
@@ -203,6 +205,24 @@ def _note_idle_ranks(cfg: Config, dist: Dist, show) -> None:
                   f"{spread} gives every rank a group (smaller batches)")
 
 
+ROUNDING_NOTE = 0.05  # a 16-bit replica losing more of a perturbation than this is told
+
+
+def _note_rounding(cfg: Config, s, show) -> None:
+    """One line where a 16-bit replica rounds away much of full mode's perturbation
+    (measured on the real weights at start-up, es_mpi.es.Replica.rounding_loss, and
+    recorded with the machine in the run file)."""
+    unmoved = s.machine.get("unmoved")
+    if unmoved is None or unmoved <= ROUNDING_NOTE:
+        return
+    credit = ("the update credits only what moved" if cfg.credit == "realized" else
+              "--credit intended credits the noise anyway")
+    show.warn(f"es-mpi: note: {s.machine['dtype']} replica: at sigma {cfg.sigma:g}, "
+              f"{unmoved:.0%} of the weights round back and do not move under a member's "
+              f"noise (cosine {s.machine['noise_cosine']:.3f} to the intended noise); "
+              f"{credit}. A larger --sigma, --dtype float32 or --mode lowrank keeps more")
+
+
 def _mode(cfg: Config) -> str:
     if cfg.mode == "lowrank":
         return f"lowrank (rank {cfg.rank}, {cfg.member_batch} members per batch)"
@@ -226,8 +246,10 @@ def _print_done(cfg: Config, dist: Dist) -> None:
 
 
 def export(path: str, out_dir: str, generation: int | None, model: str | None,
-           dist: Dist) -> None:
-    """Rank 0 writes the weights of one generation as a Hugging Face directory."""
+           dist: Dist, gpus_per_rank: int | None = None) -> None:
+    """Rank 0 writes the weights of one generation as a Hugging Face directory, rebuilt on
+    as many GPUs as the run's ranks had (a model that needed two needs them here too) or
+    `gpus_per_rank`."""
     if not dist.is_root:
         return
     info = runfile.read_info(path)
@@ -238,7 +260,8 @@ def export(path: str, out_dir: str, generation: int | None, model: str | None,
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise EsError(f"output directory {out} exists and is not empty; choose a new one")
-    cfg = info.config.replace(model=model or info.config.model, gpus_per_rank=1)
+    cfg = info.config.replace(model=model or info.config.model,
+                              gpus_per_rank=gpus_per_rank or info.config.gpus_per_rank)
     task, train_examples = _prechecks(cfg)
     if not os.access(out.resolve().parent if not out.exists() else out, os.W_OK):
         raise EsError(f"cannot write {out}: parent directory not writable")
@@ -383,7 +406,7 @@ def inspect(path: str, as_json: bool, dist: Dist) -> None:
     print(f"checkpoints  {info['checkpoints'] or 'none'}")
     for hw in info["hardware"]:
         print(f"machine      from generation {hw['generation']}: {hw['world_size']} rank(s) "
-              f"on {hardware.label(hw)}, {hw.get('dtype', '?')} replicas")
+              f"on {devices.label(hw)}, {hw.get('dtype', '?')} replicas")
     for g in info["last_generations"]:
         diag = "".join(f", {k} {g[k]:.3g}" for k in DIAGNOSTIC_FIELDS
                        if g.get(k) is not None)

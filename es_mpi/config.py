@@ -20,6 +20,7 @@ from es_mpi.errors import EsError
 
 MAX_SEED = 2**63 - 1
 MAX_COUNT = 2**31 - 1  # sizes and counts: beyond this an int is a typo, not a setting
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # replica dtypes (es_mpi.devices.DTYPES)
 
 
 def _field(default, help: str, resumable: bool = False, **kw):
@@ -79,9 +80,17 @@ class Config:
         "where the tokenizer has a template, else raw).", choices=("auto", "chat", "raw"))
     dtype: str = _field(
         "auto",
-        "Replica dtype (auto: bfloat16 on CUDA, float32 on CPU). Updates are always fp32.",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        "Replica dtype (auto: bfloat16 on CUDA, float32 on CPU). Updates are always fp32. "
+        "float16 replicas are watched for overflow: a generate whose logits are not finite "
+        "stops the run with one line.",
+        choices=("auto", *DTYPE_NAMES),
     )
+    credit: str = _field(
+        "realized", "What the full-mode update credits a member with on a 16-bit replica: "
+        "realized (the perturbation the replica really received, rounded(master + sigma * "
+        "eps) - rounded(master): weights that did not move get no credit) or intended "
+        "(sigma * eps, as the paper's scripts do). fp32 replicas and lowrank mode are "
+        "unaffected.", choices=("realized", "intended"))
     eval_every: int = _field(
         0, "Score the held-out examples every K generations, at the start and the end "
         "(0 = never).", resumable=True)
@@ -107,6 +116,10 @@ class Config:
     )
     gpus_per_rank: int = _field(1, "GPUs per rank; a replica is split across them.",
                                 resumable=True)
+    share_gpus: bool = _field(
+        False, "Let several ranks compute on one GPU. Off, es-mpi refuses a job whose "
+        "launcher put two ranks on one GPU (checked by GPU UUID at start-up); on, ranks "
+        "beyond a node's GPUs wrap around onto them (tests, small models).", resumable=True)
     generate_batch: int = _field(
         0, "Rows (members x prompts) per generate call, in training and held-out "
         "evaluation: larger batches are cut into micro-batches of at most this many rows, "
@@ -199,7 +212,10 @@ class Config:
 
     @classmethod
     def from_json(cls, text: str) -> Config:
-        return cls.from_dict(json.loads(text), source="run file config")
+        values = json.loads(text)
+        # run files from before `credit` existed credited the intended noise
+        values.setdefault("credit", "intended")
+        return cls.from_dict(values, source="run file config")
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

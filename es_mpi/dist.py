@@ -2,7 +2,7 @@
 
 Ranks exchange seeds and scalars only. `Dist` wraps COMM_WORLD with the few collectives
 the loop needs; without mpi4py (or its MPI library) a serial stand-in serves world size 1.
-Rank -> device binding and per-rank thread counts are decided here too.
+Per-rank thread counts are decided here too; rank -> GPU binding is es_mpi.devices.
 """
 
 from __future__ import annotations
@@ -195,24 +195,3 @@ def set_threads(dist: Dist) -> int:
     torch.set_num_threads(threads)
     return threads
 
-
-def select_devices(dist: Dist, gpus_per_rank: int) -> list:
-    """The devices of this rank: k GPUs by local rank, or the CPU where CUDA is absent.
-
-    Works with mpiexec (every rank sees all GPUs of the node: take k from local rank) and
-    with srun binding (each rank sees exactly its own k GPUs: take them all).
-    """
-    import torch
-
-    if not torch.cuda.is_available():
-        return [torch.device("cpu")]
-    visible = torch.cuda.device_count()
-    first = 0 if visible == gpus_per_rank else dist.local_rank * gpus_per_rank
-    if first + gpus_per_rank > visible:
-        raise EsError(f"rank {dist.rank} (local rank {dist.local_rank} of {dist.local_size}) "
-                      f"needs GPUs {first}..{first + gpus_per_rank - 1} but {visible} are "
-                      f"visible; start at most {visible // gpus_per_rank} ranks per node or "
-                      "lower --gpus-per-rank")
-    devices = [torch.device("cuda", first + i) for i in range(gpus_per_rank)]
-    torch.cuda.set_device(devices[0])
-    return devices

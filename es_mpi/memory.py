@@ -1,4 +1,6 @@
-"""Peak memory of a rank: the CUDA allocator's peak on GPUs, the process's peak RSS on the CPU.
+"""Peak memory of a rank: what the CUDA caching allocator reserved at its peak on GPUs (the
+memory other work on the GPU can no longer have, above the bytes it handed out), the
+process's peak RSS on the CPU.
 
 Both can be reset, so the peak of one phase (a generation's evaluation, its update, a
 model load) is measured on its own.
@@ -57,10 +59,10 @@ def reset_peak_rss() -> None:
 
 def peak_bytes(devices: list[torch.device]) -> int:
     """Peak memory since the last reset_peak(): the largest over the CUDA devices of
-    torch's allocations, or the process's peak RSS on the CPU."""
+    what torch's caching allocator reserved, or the process's peak RSS on the CPU."""
     cuda = [d for d in devices if d.type == "cuda"]
     if cuda:
-        return max(torch.cuda.max_memory_allocated(d) for d in cuda)
+        return max(torch.cuda.max_memory_reserved(d) for d in cuda)
     return peak_rss_bytes()
 
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
+from es_mpi.devices import load_kwargs, resolve_dtype
 from es_mpi.errors import EsError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_model_dir(path: str) -> Path:
@@ -123,12 +122,6 @@ def has_chat_template(path: str | Path) -> bool:
     return isinstance(config, dict) and bool(config.get("chat_template"))
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
 def load_model(path: str, dtype: str, devices: list[torch.device]):
     """(model, tokenizer) in eval mode; a replica split across devices when there are several."""
     import pickle
@@ -141,17 +134,8 @@ def load_model(path: str, dtype: str, devices: list[torch.device]):
     torch_dtype = resolve_dtype(dtype, devices[0])
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        if len(devices) == 1 and devices[0].type == "cpu":
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-        elif len(devices) == 1:
-            # straight onto the GPU, tensor by tensor: no whole host copy per rank
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
-                                                         device_map={"": devices[0].index})
-        else:
-            free = {d.index: torch.cuda.mem_get_info(d.index)[0] for d in devices}
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch_dtype, device_map="balanced",
-                max_memory={i: int(b * 0.9) for i, b in free.items()})
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                     **load_kwargs(devices))
     # damaged weights surface as any of these (a cut .bin zip, a bad safetensors block)
     except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError,
             SafetensorError) as exc:
@@ -159,6 +143,8 @@ def load_model(path: str, dtype: str, devices: list[torch.device]):
         raise EsError(f"cannot load model from {path}: {first}") from None
     model.eval()
     model.requires_grad_(False)
+    if torch_dtype == torch.float16:
+        _watch_overflow(model)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         # padding is masked out, so any token will do; the EOS where there is one
@@ -166,6 +152,42 @@ def load_model(path: str, dtype: str, devices: list[torch.device]):
         tokenizer.pad_token = fallback if fallback is not None else \
             tokenizer.convert_ids_to_tokens(0)
     return model, tokenizer
+
+
+class Overflow(EsError):
+    """A float16 replica's logits were not finite: rewards would score garbage."""
+
+    abort_job = True  # raised on the ranks that saw it: the job stops, not just one rank
+
+
+def _watch_overflow(model) -> None:
+    """float16 tops out at 65504: a model trained in bf16 (or a perturbed one) can
+    overflow in its activations, and greedy decoding then picks tokens from inf/NaN
+    logits without a word. A forward hook on the LM head ORs "not all finite" into a flag
+    on the device (no synchronization per step); `generate` reads it once per call."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return
+    state: dict[str, torch.Tensor] = {}
+
+    def check(module, args, out):
+        logits = out[0] if isinstance(out, tuple) else out
+        flag = state.get("flag")
+        if flag is None or flag.device != logits.device:
+            flag = state["flag"] = torch.zeros((), dtype=torch.bool, device=logits.device)
+        flag.logical_or_(~torch.isfinite(logits).all())
+
+    head.register_forward_hook(check)
+    model._es_mpi_overflow = state
+
+
+def _check_overflow(model) -> None:
+    flag = getattr(model, "_es_mpi_overflow", {}).get("flag")
+    if flag is not None and bool(flag):
+        flag.zero_()
+        raise Overflow("float16 overflow: the model's logits were inf or NaN in a generate "
+                       "call (activations beyond float16's 65504); use --dtype bfloat16 "
+                       "(float32's range at the same memory) or --dtype float32")
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -236,6 +258,7 @@ def generate(model, tokenizer, batch: dict[str, torch.Tensor], max_new_tokens: i
         eos = []
     with _only(model, config), _seeded(sampling, batch["input_ids"].device):
         out = model.generate(**batch, generation_config=config)
+    _check_overflow(model)
     new = out[:, batch["input_ids"].shape[1]:].cpu()
     tokens = []
     for row in new.tolist():

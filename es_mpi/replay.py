@@ -9,7 +9,7 @@ checksum or stops with one line naming both machines.
 
 from __future__ import annotations
 
-from es_mpi import hardware, runfile
+from es_mpi import devices, runfile
 from es_mpi.errors import EsError
 from es_mpi.session import Session, examples_fingerprint
 from es_mpi.shaping import shape
@@ -41,7 +41,7 @@ def rebuild(s: Session, path: str, info: runfile.RunInfo, upto: int) -> None:
             raise EsError(f"run file {path}: checkpoint {start} does not reproduce its "
                           "recorded checksum; the file is damaged")
     then = info.machine
-    other = not hardware.same_arithmetic(then, s.machine)
+    other = not devices.same_arithmetic(then, s.machine)
     rows = runfile.read_generations(path, start, upto, ("seeds", "signs", "rewards", "checksum"))
     for k in range(upto - start):
         z_n = shape(rows["rewards"][k], s.cfg.shaping)
@@ -51,8 +51,8 @@ def rebuild(s: Session, path: str, info: runfile.RunInfo, upto: int) -> None:
         if other:
             raise EsError(
                 f"run file {path}: generations {start}..{upto - 1} were computed on "
-                f"{hardware.label(then)}, and replaying them here on "
-                f"{hardware.label(s.machine)} gives other weights (noise and kernels "
+                f"{devices.label(then)}, and replaying them here on "
+                f"{devices.label(s.machine)} gives other weights (noise and kernels "
                 f"differ between machines); replay on the original kind of machine, or "
                 f"use a checkpoint ({', '.join(map(str, info.checkpoints)) or 'none yet'}), "
                 "which any machine restores exactly")

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from es_mpi import hardware, lowrank, memory
+from es_mpi import devices as dev
+from es_mpi import lowrank, memory, progress
 from es_mpi import model as hf
 from es_mpi.basefile import BaseWeights
 from es_mpi.config import Config
-from es_mpi.dist import Dist, select_devices
+from es_mpi.dist import Dist
 from es_mpi.errors import EsError
 from es_mpi.es import FullNoise, LowRankNoise, Replica, checksum, host_copy
 from es_mpi.evaluators import member_groups
@@ -51,7 +52,7 @@ class Session:
     replica: Replica
     devices: list[torch.device]
     fingerprint: str
-    machine: dict = field(default_factory=dict)  # es_mpi.hardware.describe of this rank
+    machine: dict = field(default_factory=dict)  # es_mpi.devices.describe of this rank
     matrices: dict | None = None   # lowrank: parameter name -> modules to hook
     base: Mapping[str, torch.Tensor] | None = None  # theta_0 (rank 0: checkpoints; decay_to=init)
     ignore_eos: bool = False   # benchmarks: every member generates max_new_tokens
@@ -87,8 +88,7 @@ def kl_base_model(s: Session, path: str | None = None) -> torch.nn.Module:
     every evaluation.
     """
     if s.kl_base is None:
-        dtype = next(s.model.parameters()).dtype
-        name = next(k for k, v in hf.DTYPES.items() if v == dtype)
+        name = dev.dtype_name(next(s.model.parameters()).dtype)
         base = hf.load_model(path or s.cfg.model, name, s.devices)[0]
         vocab, base_vocab = (m.get_output_embeddings().weight.shape[0] for m in (s.model, base))
         if vocab != base_vocab:
@@ -136,7 +136,8 @@ def open_session(cfg: Config, dist: Dist, task: Task, train: list,
     on this machine (a bf16 GPU run exported on a CPU node stays bf16). `loaded`: a
     (model, tokenizer) of cfg.model already loaded (the benchmark's modes share one).
     """
-    devices = select_devices(dist, cfg.gpus_per_rank)
+    devices = dev.bind(dist, cfg.gpus_per_rank, cfg.share_gpus)
+    dev.pin_arithmetic()
     cfg_dtype = dtype if cfg.dtype == "auto" and dtype else cfg.dtype
     model, tokenizer = loaded or hf.load_model(cfg.model, cfg_dtype, devices)
     host = cfg.master == "host"
@@ -149,10 +150,14 @@ def open_session(cfg: Config, dist: Dist, task: Task, train: list,
             raise EsError(f"model {cfg.model} has no Linear, Conv1D or Embedding weights for "
                           "lowrank mode; use --mode full")
         params = {n: params[n] for n in matrices}
+    if host and devices[0].type == "cuda":
+        _check_pinned_master(cfg, dist, params)
+    if cfg.mode == "lowrank":
         replica = Replica(params, LowRankNoise(cfg.rank), share_master=True,
                           master_on_host=host)
     else:
-        replica = Replica(params, FullNoise(), master_on_host=host)
+        replica = Replica(params, FullNoise(), master_on_host=host, sigma=cfg.sigma,
+                          credit=cfg.credit)
     base = None
     if cfg.decay_to == "init":  # the decay anchor, needed by every rank every generation
         base = {n: host_copy(p.detach()) if host else p.detach().to(torch.float32, copy=True)
@@ -162,8 +167,29 @@ def open_session(cfg: Config, dist: Dist, task: Task, train: list,
     s = Session(cfg=cfg, dist=dist, task=task, train=train, model=model,
                 tokenizer=tokenizer, replica=replica, devices=devices,
                 fingerprint=fingerprint, matrices=matrices, base=base,
-                machine=hardware.describe(devices, next(model.parameters()).dtype))
+                machine=dev.describe(devices, next(model.parameters()).dtype))
+    if cfg.mode == "full" and s.machine["dtype"] != "float32":
+        s.machine.update(replica.rounding_loss(derive_seed(cfg.seed, "rounding")))
     return s
+
+
+def _check_pinned_master(cfg: Config, dist: Dist, params: Mapping[str, torch.Tensor]) -> None:
+    """--master host pins the fp32 master in host memory (page-locked: the OS can neither
+    swap nor reclaim it): say how much, and refuse before pinning more than the node has."""
+    per_rank = 4 * sum(p.numel() for p in params.values())  # the trained tensors, fp32
+    if cfg.decay_to == "init":
+        per_rank *= 2  # the decay anchor sits beside the master
+    node = per_rank * dist.local_size
+    available = memory.host_available_bytes()
+    if node > 0.9 * available:
+        raise EsError(f"--master host pins {per_rank / 2**30:.1f} GiB of host memory per rank, "
+                      f"{node / 2**30:.1f} GiB for the {dist.local_size} rank(s) of this node, "
+                      f"but {available / 2**30:.1f} GiB is available; run fewer ranks per "
+                      "node, use --mode lowrank (its master is the matrices only) or "
+                      "--master device")
+    progress.current(dist.is_root).info(
+        f"es-mpi: --master host: {per_rank / 2**30:.1f} GiB of pinned host memory per rank "
+        f"({node / 2**30:.1f} GiB for this node's {dist.local_size} rank(s))")
 
 
 def group_rows(cfg: Config, train: list) -> int:
@@ -172,21 +198,27 @@ def group_rows(cfg: Config, train: list) -> int:
     return members * n_prompts(cfg, train)
 
 
+def longest_prompt(s: Session) -> int:
+    """Tokens of the longest prompt a generate call of the run may get: the training
+    examples, and the held-out ones where the run evaluates them (often longer)."""
+    examples = list(s.train)
+    if s.cfg.eval_every:
+        held = s.task.eval_examples()
+        examples += held[:s.cfg.eval_limit] if s.cfg.eval_limit else held
+    return max(len(s.tokenizer(s.task.prompt(e, s.tokenizer))["input_ids"])
+               for e in examples)
+
+
 def rows_that_fit(s: Session) -> int:
     """The rows of one generate call whose KV cache and activations fit in this rank's
-    memory (es_mpi.plan): 90% of its GPU's free memory, or on the CPU 80% of the host
-    memory available, shared by the ranks of this node."""
+    memory (es_mpi.plan) as it is once everything resident has loaded (replica, master,
+    the KL base model): es_mpi.devices.generation_budget."""
     from es_mpi import plan
 
-    prompt_tokens = max(len(s.tokenizer(s.task.prompt(e, s.tokenizer))["input_ids"])
-                        for e in s.train)
     s.sync()
-    if s.device.type == "cuda":
-        budget = 0.9 * min(torch.cuda.mem_get_info(d)[0] for d in s.devices)
-    else:
-        budget = 0.8 * memory.host_available_bytes() / s.dist.local_size
-    return plan.rows_that_fit(s.model.config, next(s.model.parameters()).dtype, prompt_tokens,
-                              s.cfg.max_new_tokens, int(budget), s.device.type)
+    budget = dev.generation_budget(s.devices, s.dist.local_size)
+    return plan.rows_that_fit(s.model.config, next(s.model.parameters()).dtype,
+                              longest_prompt(s), s.cfg.max_new_tokens, budget, s.device.type)
 
 
 def decide_batches(s: Session) -> None:
@@ -202,6 +234,8 @@ def decide_batches(s: Session) -> None:
     auto_members = cfg.mode == "lowrank" and cfg.member_batch == 0
     if not (auto_members or cfg.generate_batch == 0):
         return
+    if cfg.eval_kl and cfg.eval_every:  # resident for the whole run: load it before sizing
+        s.dist.collective(lambda: kl_base_model(s))
     fits = int(s.dist.allgather_ints([rows_that_fit(s)])[:, 0].min())
     if auto_members:
         from es_mpi.plan import members_per_call

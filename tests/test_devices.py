@@ -168,7 +168,7 @@ def test_a_gpu_runs_recorded_dtype_is_used_on_a_cpu_node(tiny_model, tmp_path):
 
 
 def test_a_job_on_mixed_machines_is_refused():
-    from es_mpi.hardware import check_uniform
+    from es_mpi.devices import check_uniform
 
     h100 = {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "cuda": "13.0"}
     a100 = {**h100, "gpu": "NVIDIA A100-SXM4-80GB"}

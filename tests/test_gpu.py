@@ -1,4 +1,6 @@
-"""GPU binding: each rank takes its GPU(s) by local rank. Skipped without CUDA."""
+"""On a real GPU: binding, lowrank factors, the host master, loading, a split replica.
+Skipped without CUDA (tests/test_binding.py checks the binding logic on a faked CUDA).
+None of these has run on a GPU yet: no GPU was available while they were written."""
 
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs
 def test_each_rank_binds_its_own_gpu(tmp_path):
     script = tmp_path / "bind.py"
     script.write_text(textwrap.dedent("""
-        from es_mpi.dist import Dist, select_devices
+        from es_mpi.devices import bind
+        from es_mpi.dist import Dist
         import torch
         d = Dist()
-        devices = select_devices(d, 1)
+        devices = bind(d, 1)
         print(f"rank {d.rank} local {d.local_rank} device {devices[0]} "
               f"current {torch.cuda.current_device()}", flush=True)
     """))
@@ -32,14 +35,29 @@ def test_each_rank_binds_its_own_gpu(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_too_many_ranks_per_node_is_a_clear_error(tmp_path):
-    from es_mpi.dist import Dist, select_devices
-    from es_mpi.errors import EsError
-
-    d = Dist.serial()
-    d.local_rank = torch.cuda.device_count()
-    with pytest.raises(EsError, match="lower --gpus-per-rank"):
-        select_devices(d, 1)
+def test_more_ranks_than_gpus_is_a_clear_error_unless_shared(tmp_path):
+    """One more rank than the node's GPUs, every rank seeing them all (mpiexec): the last
+    has none of its own. Before, a one-GPU node took a shortcut (`visible == k`) and put
+    both ranks on GPU 0 without a word."""
+    n = torch.cuda.device_count()
+    script = tmp_path / "bind.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from es_mpi.devices import bind
+        from es_mpi.dist import Dist
+        from es_mpi.errors import EsError
+        d = Dist()
+        try:
+            print(f"rank {d.rank} got {bind(d, 1, sys.argv[1] == 'share')[0]}", flush=True)
+        except EsError as exc:
+            print(f"rank {d.rank} error {exc}", flush=True)
+    """))
+    alone = run_python_mpi(script, ["alone"], np=n + 1)
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stdout.count("--share-gpus") == n + 1, alone.stdout
+    shared = run_python_mpi(script, ["share"], np=n + 1)
+    assert shared.returncode == 0, shared.stderr
+    assert shared.stdout.count(" got cuda:") == n + 1, shared.stdout
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -103,11 +121,16 @@ def test_the_model_loads_straight_onto_the_gpu(tiny_model):
 
 @needs_cuda
 def test_lowrank_on_a_replica_split_across_devices(tiny_model, tmp_path):
-    """Layers alternate between the GPU and the CPU (accelerate's device_map): each hook
-    sees its input where the previous layer left it. The batched members equal the
-    perturbed weights written into an unsplit fp64 copy."""
+    """Layers alternate between the GPU and the CPU: each hook sees its input where the
+    previous layer left it. The batched members equal the perturbed weights written into
+    an unsplit fp64 copy.
+
+    A device map with "cpu" entries beside a GPU means offload to accelerate (those
+    parameters go to `meta` and are streamed in): the split is dispatched with the CPU as
+    the main device instead, so CPU layers keep their weights and compute there."""
     import math
 
+    from accelerate import dispatch_model
     from tiny_model import make_tiny_model
     from transformers import AutoModelForCausalLM
 
@@ -118,7 +141,8 @@ def test_lowrank_on_a_replica_split_across_devices(tiny_model, tmp_path):
     path = make_tiny_model(tmp_path / "four", layers=4)
     split = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": "cpu",
              "lm_head": 0, **{f"model.layers.{i}": (0 if i % 2 else "cpu") for i in range(4)}}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=split)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = dispatch_model(model, device_map=split, main_device="cpu")
     assert {p.device.type for p in model.parameters()} == {"cuda", "cpu"}
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
     torch.manual_seed(0)
