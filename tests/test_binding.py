@@ -271,3 +271,26 @@ def test_binding_under_a_real_mpiexec(tmp_path):
         assert result.returncode == 0, result.stderr
         lines = sorted(ln for ln in result.stdout.splitlines() if ln.startswith("rank"))
         assert len(lines) == 2 and all(want in ln for ln in lines), lines
+
+
+@pytest.mark.parametrize("script", ["es_mpi_gpu.sbatch", "es_mpi_multinode.sbatch"])
+def test_gpu_job_scripts_ask_for_expandable_segments(script, tmp_path):
+    """The line of the job script that sets the allocator, run by bash: the default where
+    the user set nothing, the user's value where they did."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "slurm" / script).read_text()
+    lines = [ln for ln in text.splitlines() if "PYTORCH_CUDA_ALLOC_CONF" in ln
+             and not ln.lstrip().startswith("#")]
+    assert lines, f"{script} does not set PYTORCH_CUDA_ALLOC_CONF"
+    probe = tmp_path / "probe.sh"
+    probe.write_text("\n".join([*lines, 'echo "$PYTORCH_CUDA_ALLOC_CONF"']) + "\n")
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    out = subprocess.run(["bash", str(probe)], capture_output=True, text=True, env=env,
+                         check=True).stdout.strip()
+    assert out == "expandable_segments:True"
+    mine = subprocess.run(["bash", str(probe)], capture_output=True, text=True, check=True,
+                          env={**env, "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"})
+    assert mine.stdout.strip() == "max_split_size_mb:64"
