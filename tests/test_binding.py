@@ -294,3 +294,60 @@ def test_gpu_job_scripts_ask_for_expandable_segments(script, tmp_path):
     mine = subprocess.run(["bash", str(probe)], capture_output=True, text=True, check=True,
                           env={**env, "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"})
     assert mine.stdout.strip() == "max_split_size_mb:64"
+
+
+# -- the memory budget of the automatic batch ---------------------------------------------
+
+def test_the_gpu_budget_is_what_the_allocator_can_hand_out(monkeypatch):
+    """Free memory (the driver's) plus what torch reserved and does not use, of the
+    fullest GPU, 90% of it (numbers written out by hand)."""
+    FakeNode(monkeypatch, "a", node_uuids("a", 2))
+    free = {0: 30 * 2**30, 1: 20 * 2**30}
+    reserved = {0: 4 * 2**30, 1: 6 * 2**30}
+    allocated = {0: 3 * 2**30, 1: 2 * 2**30}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free[d.index], 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: reserved[d.index])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: allocated[d.index])
+    gpus = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    # GPU 0: 30 + 4 - 3 = 31 GiB; GPU 1: 20 + 6 - 2 = 24 GiB: the smaller, x 0.9
+    assert devices.generation_budget(gpus, 4) == int(0.9 * 24 * 2**30)
+
+
+def test_the_batch_is_sized_after_the_kl_model_and_for_the_held_out_prompts(
+        monkeypatch, tiny_model, tmp_path):
+    """The automatic generate batch is decided once everything resident is loaded (with
+    --eval-kl, a second copy of the model) and for the longest prompt the run generates
+    from: here a held-out question far longer than the training ones."""
+    import json as json_
+
+    from transformers import AutoTokenizer
+
+    from es_mpi import plan, session
+    from es_mpi.config import Config
+    from es_mpi.dist import Dist
+
+    data = tmp_path / "qa.jsonl"
+    long_q = "Why " + "is the sky blue and " * 30 + "why?"
+    rows = [{"prompt": "What is 2+2?", "answer": "4"},
+            {"prompt": "Name a colour.", "answer": "red"},
+            {"prompt": long_q, "answer": "light", "split": "eval"}]
+    data.write_text("".join(json_.dumps(r) + "\n" for r in rows))
+    seen = {}
+
+    def fake_rows_that_fit(config, dtype, prompt_tokens, max_new_tokens, budget, device):
+        seen.update(prompt_tokens=prompt_tokens, kl_loaded=s.kl_base is not None)
+        return 3
+
+    monkeypatch.setattr(plan, "rows_that_fit", fake_rows_that_fit)
+    cfg = Config(model=str(tiny_model), task="conciseness", task_data=str(data),
+                 population=2, max_new_tokens=4, eval_every=1, eval_kl=True,
+                 run=str(tmp_path / "r.h5"))
+    task, train = session.check_task(cfg)
+    s = session.open_session(cfg, Dist.serial(), task, train)
+    session.decide_batches(s)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    want = len(tok(task.prompt(rows[2], tok))["input_ids"])  # the held-out prompt
+    assert want > max(len(tok(task.prompt(r, tok))["input_ids"]) for r in rows[:2])
+    assert seen == {"prompt_tokens": want, "kl_loaded": True}
+    assert s.cfg.generate_batch == 3
