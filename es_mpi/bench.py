@@ -42,6 +42,7 @@ class Runner:
     def __init__(self, mode: str, opts: dict, shared: tuple | None = None):
         import torch
 
+        from es_mpi import devices
         from es_mpi import model as hf
         from es_mpi.config import Config
         from es_mpi.dist import Dist
@@ -70,8 +71,8 @@ class Runner:
         elif shared is not None:
             model, tokenizer = shared
             device = next(model.parameters()).device
-        else:
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:  # bound as a rank of its own would be: cuda:0 with its index, or the CPU
+            device = devices.bind(Dist.serial(), 1)[0]
             model, tokenizer = hf.load_model(cfg.model, cfg.dtype, [device])
         self.cfg, self.model, self.tokenizer, self.device = cfg, model, tokenizer, device
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -179,12 +180,13 @@ def run_mode(mode: str, opts: dict) -> dict:
     if row is not None:
         result["peak_mem_eval"] = int(row["peak_mem_eval"])
         result["peak_mem_update"] = int(row["peak_mem_update"])
+        result["comm_bytes_per_rank_formula"] = comm_bytes(cfg.population, 1)
+    if row is not None and opts.get("checkpoint", True):
         reset_peak_rss()
         t = time.perf_counter()
         write_checkpoint(run.s, run.writer, 1, 0)
         result["checkpoint_seconds"] = time.perf_counter() - t
         result["checkpoint_peak_rss_bytes"] = peak_rss_bytes()
-        result["comm_bytes_per_rank_formula"] = comm_bytes(cfg.population, 1)
     run.close()
     return result
 
@@ -288,30 +290,46 @@ def _paper_generation(model, tokenizer, batch, cfg, sync) -> tuple[int, dict[str
     return n_tokens, phases
 
 
-def _worker(mode: str, opts: dict, *extra: str) -> dict:
+def _worker(mode: str, opts: dict, *extra: str, timeout: float | None = None) -> dict:
+    """Run `mode` in a fresh process; `timeout`: seconds it may take (None: no limit),
+    past which it is killed and an EsError raised."""
+    from es_mpi.errors import EsError
+
+    if timeout is not None and timeout <= 0:
+        raise EsError(f"bench mode {mode} timed out: no time left of --timeout")
     cmd = [sys.executable, "-m", "es_mpi.bench", mode, json.dumps(opts), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(opts["threads"])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise EsError(f"bench mode {mode} timed out: killed after {timeout:.0f} s, the time "
+                      "left of --timeout") from None
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        from es_mpi.errors import EsError
-
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise EsError(f"bench mode {mode} failed: {tail}")
     return json.loads(lines[-1])
 
 
-def bench(opts: dict, modes: tuple[str, ...], echo=print, repeat: int = 3) -> dict:
+def bench(opts: dict, modes: tuple[str, ...], echo=print, repeat: int = 3,
+          timeout: float = 0) -> dict:
     """Each mode alone in its own process (memory, phases), then `repeat` interleaved
     rounds of every mode in one process (times and ratios: medians over the rounds, with
-    min and max); returns the report."""
+    min and max); returns the report. `timeout`: seconds those processes may take in all
+    (0: no limit); the one running when they are spent is killed, and an EsError raised."""
+    end = time.monotonic() + timeout if timeout > 0 else None
+
+    def left() -> float | None:
+        return None if end is None else end - time.monotonic()
+
     results = {}
     for mode in modes:
         echo(f"bench: {mode} ...")
-        results[mode] = _worker(mode, opts)
+        results[mode] = _worker(mode, opts, timeout=left())
     if repeat:
         echo(f"bench: {repeat} interleaved rounds of {', '.join(modes)} in one process ...")
-        rounds = _worker(",".join(modes), opts, str(repeat))
+        rounds = _worker(",".join(modes), opts, str(repeat), timeout=left())
         _add_rounds(results, rounds)
     ref = results.get("inference")
     for r in results.values():
