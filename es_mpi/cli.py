@@ -53,10 +53,11 @@ def _run(body: Callable) -> None:
     try:
         run_guarded(dist, lambda: body(dist))
     except EsError as exc:
-        if dist.is_root:
+        abort = getattr(exc, "abort_job", False)
+        if dist.is_root or abort:
             click.echo(f"es-mpi: error: {_one_line(exc)}", err=True)
-        if getattr(exc, "abort_job", False):
-            dist.abort(2)  # raised on rank 0 alone (a failed write): nobody else knows
+        if abort:
+            dist.abort(2)  # raised on some ranks alone (a failed write): nobody else knows
         sys.exit(2)
     except Stopped:
         sys.exit(EXIT_STOPPED)
@@ -197,12 +198,16 @@ def resume(run_file: str, generations: int | None, model: str | None, quiet: boo
                    "[default: the last complete one].")
 @click.option("--model", metavar="DIR", default=None,
               help="Base model directory, if it moved since the run started.")
-def export(run_file: str, out_dir: str, generation: int | None, model: str | None) -> None:
+@click.option("--gpus-per-rank", type=int, default=None,
+              help="GPUs to lay the model over while rebuilding it [default: as many as "
+                   "the run's ranks had].")
+def export(run_file: str, out_dir: str, generation: int | None, model: str | None,
+           gpus_per_rank: int | None) -> None:
     """Write one generation's weights as a Hugging Face directory (safetensors + tokenizer)."""
     def body(dist):
         from es_mpi import commands
 
-        commands.export(run_file, out_dir, generation, model, dist)
+        commands.export(run_file, out_dir, generation, model, dist, gpus_per_rank)
 
     _run(body)
 
@@ -357,9 +362,16 @@ def report(run_files: tuple[str, ...], out_dir: str | None) -> None:
               show_default=True, help="Comma-separated modes to measure.")
 @click.option("--json", "json_out", metavar="FILE", default=None,
               help="Write the full report (seconds, phases, memory, ratios) as JSON.")
+@click.option("--timeout", type=float, default=0, show_default=True, metavar="SECONDS",
+              help="Seconds the per-mode processes may take in all (0 = no limit); the one "
+                   "running when they are spent is killed and bench stops with an error. "
+                   "--scaling's runs are not bounded by it.")
+@click.option("--checkpoint/--no-checkpoint", default=True, show_default=True,
+              help="Also time writing a checkpoint of the fp32 master after each mode's "
+                   "single run (at 7B about 30 GB of compressed HDF5: minutes).")
 def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr, rank,
           antithetic, dtype, threads, generate_batch, master, member_batch, repeat, scaling,
-          modes, json_out) -> None:
+          modes, json_out, timeout, checkpoint) -> None:
     """Time one ES generation per mode against pure batched inference of the same sequences.
 
     Each mode runs alone in a fresh single process (one rank), for its memory: inference
@@ -387,19 +399,20 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
             if value < 1:
                 raise EsError(f"--{name} {value}: must be >= 1")
         for name, value in (("prompts", prompts), ("generate-batch", generate_batch),
-                            ("member-batch", member_batch), ("repeat", repeat)):
+                            ("member-batch", member_batch), ("repeat", repeat),
+                            ("timeout", timeout)):
             if value < 0:
-                raise EsError(f"--{name} {value}: must be >= 0")
+                raise EsError(f"--{name} {value:g}: must be >= 0")
         opts = {"model": os.path.abspath(model), "task": task,
                 "task_data": os.path.abspath(task_data) if task_data else "",
                 "population": population, "prompts": prompts,
                 "max_new_tokens": max_new_tokens, "sigma": sigma, "lr": lr, "rank": rank,
                 "antithetic": antithetic, "dtype": dtype,
                 "generate_batch": generate_batch, "master": master,
-                "member_batch": member_batch,
+                "member_batch": member_batch, "checkpoint": checkpoint,
                 "threads": threads or len(os.sched_getaffinity(0))}
         echo = lambda m: click.echo(m, err=True)  # noqa: E731
-        report = run_bench(opts, chosen, echo=echo, repeat=repeat)
+        report = run_bench(opts, chosen, echo=echo, repeat=repeat, timeout=timeout)
         if scaling:
             from es_mpi.bench import scaling_report
 
@@ -429,6 +442,9 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
               show_default=True, help="Where the fp32 master (and decay anchor) live.")
 @click.option("--decay-to", type=click.Choice(["zero", "init"]), default="zero",
               show_default=True, help="init keeps an fp32 anchor copy of the trained weights.")
+@click.option("--credit", type=click.Choice(["realized", "intended"]), default="realized",
+              show_default=True, help="Full mode, 16-bit replica: the update's credit, as "
+                                      "es-mpi train --credit (realized keeps more work space).")
 @click.option("--population", type=int, default=8, show_default=True, help="Members N.")
 @click.option("--member-batch", type=int, default=0, show_default=True,
               help="lowrank: members in one batched generate (0 = auto, as train decides: "
@@ -445,22 +461,32 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
 @click.option("--generate-batch", type=int, default=0, show_default=True,
               help="Rows per generate call (0 = auto: all rows, or as many as fit in "
                    "--gpu-memory, as the engine decides).")
+@click.option("--eval-batch-size", type=int, default=0, show_default=True,
+              help="Held-out prompts per generate call, as es-mpi train --eval-batch-size, "
+                   "when the run evaluates held-out examples (--eval-every > 0); 0 = none.")
+@click.option("--eval-prompt-tokens", type=int, default=0, show_default=True,
+              help="Tokens of the longest held-out prompt (0 = as --prompt-tokens).")
+@click.option("--eval-kl", is_flag=True,
+              help="Held-out KL (es-mpi train --eval-kl): a second copy of the weights.")
 @click.option("--gpu-memory", default="80GB", show_default=True, metavar="SIZE",
-              help="Memory of one GPU: 80GB, 141GB (10^9 bytes), 80GiB or 80G (2^30), "
-                   "512MiB ...")
+              help="Memory of one GPU, with its unit: 80GB, 141GB (10^9 bytes), 80GiB or "
+                   "80G (2^30), 512MiB ...")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda",
               show_default=True, help="Plan a GPU rank, or a CPU rank (everything in RAM).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object with every term in bytes.")
-def plan_command(model, mode, dtype, master, decay_to, population, member_batch, rank,
+def plan_command(model, mode, dtype, master, decay_to, credit, population, member_batch, rank,
                  antithetic, prompts, prompt_tokens, max_new_tokens, generate_batch,
-                 gpu_memory, device, as_json) -> None:
+                 eval_batch_size, eval_prompt_tokens, eval_kl, gpu_memory, device,
+                 as_json) -> None:
     """Estimate the memory one rank needs, before anything loads.
 
-    Bytes per rank for the weights, the fp32 master, the decay anchor, noise buffers,
-    lowrank factors, the KV cache and the activations of generate, on the device and on
-    the host, from the model's config alone; then whether it fits in --gpu-memory and,
-    if not, what to change. Estimates calibrated against peaks measured on the CPU.
+    Bytes per rank for the weights, the KL base model, the fp32 master, the decay
+    anchor, noise buffers, lowrank factors, the KV cache and the activations of generate
+    and, on a GPU, the caching allocator's reserve, on the device and on the host, from
+    the model's config alone; then whether it fits in --gpu-memory and, if not, what to
+    change. Estimates calibrated against peaks measured on the CPU; the GPU's allocator
+    reserve and CUDA context are assumed.
     """
     import json
 
@@ -468,11 +494,13 @@ def plan_command(model, mode, dtype, master, decay_to, population, member_batch,
 
     try:
         settings = planner.Settings(
-            mode=mode, dtype=dtype, master=master, decay_to=decay_to, population=population,
-            member_batch=member_batch, rank=rank, antithetic=antithetic, prompts=prompts,
+            mode=mode, dtype=dtype, master=master, decay_to=decay_to, credit=credit,
+            population=population, member_batch=member_batch, rank=rank,
+            antithetic=antithetic, prompts=prompts,
             prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
-            generate_batch=generate_batch, gpu_memory=planner.parse_size(gpu_memory),
-            device=device)
+            generate_batch=generate_batch, eval_batch_size=eval_batch_size,
+            eval_prompt_tokens=eval_prompt_tokens, eval_kl=eval_kl,
+            gpu_memory=planner.parse_size(gpu_memory, "--gpu-memory"), device=device)
         planner.resolve(model)  # a bad name fails here, before transformers is imported
         shape = planner.shape_of(model)
         result = planner.plan(shape, settings)

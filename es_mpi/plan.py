@@ -5,35 +5,54 @@ every parameter's exact size (tied weights once) and, for lowrank mode, the matr
 trains (es_mpi.lowrank.perturbed_matrices). The terms follow what the engine allocates:
 
   weights      the replica, every parameter in the replica dtype
+  KL model     --eval-kl: the base model held-out KL compares with, a second copy of the
+               weights in the replica dtype, kept from the first held-out evaluation on
   master       fp32 copy of the trained tensors (full: every parameter, a separate copy
                even in fp32; lowrank: the matrices, none in fp32 with the master on the
                device, where the parameters are their own master)
   anchor       --decay-to init: fp32 copy of the trained tensors, beside the master
   staging      --master host: one fp32 buffer on the device, the largest trained tensor
-  noise work   the Replica's two fp32 noise chunks per device (es_mpi.noise.NOISE_CHUNK)
+  noise work   the Replica's two fp32 noise chunks per device (es_mpi.noise.NOISE_CHUNK);
+               three and one of the replica's dtype for a 16-bit replica's realized credit
+  kept draws   lowrank: every member's fp32 factors, r * (rows + cols) per matrix, kept
+               from its evaluation to the update (host memory on a GPU rank); the plan
+               assumes one rank evaluates all N members, the most a rank can get
   factors      lowrank: a group's factors, member_batch * rank * (rows + cols) per matrix
   KV cache     2 * layers * rows * kv_heads * (prompt + new tokens) * head_dim, replica dtype
   activations  what generate holds beyond the final KV cache, at its peak: the largest of
                the prefill (4 * hidden + 3 * intermediate values per prompt token, the MLP's
                peak, and the attention mask), its logits (rows x vocab in the replica dtype
-               plus two fp32 copies) and the last decode step (the cache's growth: torch.cat
-               makes each layer's keys anew every step, and the logits)
+               plus two fp32 copies; on the CPU in 16 bits, with the prefill's peak, the
+               LM head's weight copies that head_copies_per_row measures) and the last
+               decode step (the cache's growth: torch.cat makes each layer's keys anew
+               every step, and the logits)
+  allocator    GPU only: the caching allocator's reserve beyond the evaluation phase's
+               allocations, ALLOCATOR_RESERVE of them (assumed, not measured)
   update       transients of the update phase, when the KV cache is gone: a second noise
                work space, or (lowrank) the factors of every distinct seed of one matrix
+               side by side, and the checksum's int64 sums of a chunk on a GPU
 
+Generate is sized for its largest call: the training group's rows or, with held-out
+evaluation, its batch, whichever is more, with the longer of the two prompt lengths.
 A rank's peak is its resident terms plus the larger of the evaluation phase (factors, KV
-cache, activations) and the update phase. The activation coefficients were measured on the
-CPU (torch 2.13, transformers 5.25), and tests/test_plan.py checks whole plans against
-peaks measured there. On a GPU, torch's caching allocator may reserve more than it
-allocates (not included) and the CUDA context is an assumed reserve, not a measurement.
+cache, activations, allocator reserve) and the update phase. The activation coefficients
+were measured on the CPU (torch 2.13, transformers 5.25), and tests/test_plan.py checks
+each phase's plan against the peaks measured there. On a GPU, the allocator reserve and
+the CUDA context are assumptions, not measurements. Not counted: held-out KL's
+teacher-forced forward passes (es_mpi.evaluate.KL_ROWS rows, their full logits), which
+run after generate has freed its KV cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -52,26 +71,44 @@ LOGIT_COPIES_FP32 = 2         # generate's fp32 scores, and a logits processor's
 # A GPU rank's memory outside torch's allocations: the CUDA context and library
 # workspaces. Assumed, not measured (no GPU was available to calibrate it).
 CUDA_CONTEXT_BYTES = 2**30
+# What torch's caching allocator reserves on a GPU beyond what the evaluation phase
+# allocates, as a fraction of it: freed blocks stay reserved for reuse, and generate's
+# DynamicCache grows by torch.cat at every decode step, so blocks of every size of one
+# layer's keys are freed and kept, and a new one may not fit in any of them. An
+# assumption (no GPU has calibrated it yet): torch's docs give no figure; its
+# reserved-but-unallocated memory is what a CUDA OOM message reports. With
+# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (segments that grow in place, for
+# allocations whose sizes keep changing) the reserve is smaller.
+ALLOCATOR_RESERVE = 0.25
+# A --gpus-per-rank suggestion beyond this is no suggestion: the model does not fit
+MAX_GPUS_PER_RANK = 64
 # A CPU rank's memory beyond its imports that no term names: the libraries' first use
 # (code pages of the kernels run, their caches, the tokenizer); measured 23-35 MiB.
 CPU_RUNTIME_BYTES = 24 * 2**20
 
-_UNITS = {"": 1, "b": 1,
+_UNITS = {"b": 1,
           "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
 
-def parse_size(text: str) -> int:
-    """Bytes from '80GB' (10^9), '80GiB' or '80G' (2^30), '512MiB', '1.5TB', '1000000'."""
+def parse_size(text: str, option: str = "--gpu-memory") -> int:
+    """Bytes from '80GB' (10^9), '80GiB' or '80G' (2^30), '512MiB', '1.5TB', '4096B'.
+
+    A number without a unit is refused: '80' meant as 80 GB would plan 80 bytes, and
+    nothing tells the two apart. `option` names the flag in the error line.
+    """
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if m and not m.group(2):
+        raise EsError(f"{option} {text.strip()}: give a unit, e.g. {text.strip()}GB or "
+                      f"{text.strip()}GiB (GB = 10^9 bytes, GiB = 2^30, B = bytes)")
     unit = m.group(2).lower() if m else None
     if unit not in _UNITS:
-        raise EsError(f"--gpu-memory {text!r}: not a size; write e.g. 80GB, 80GiB, 141GB "
+        raise EsError(f"{option} {text!r}: not a size; write e.g. 80GB, 80GiB, 141GB "
                       "or 512MiB (GB = 10^9 bytes, GiB and G = 2^30)")
     size = float(m.group(1)) * _UNITS[unit]
     if not 0 < size < 2**62:
-        raise EsError(f"--gpu-memory {text!r}: must be more than 0 bytes")
+        raise EsError(f"{option} {text!r}: must be more than 0 bytes")
     return int(size)
 
 
@@ -250,14 +287,75 @@ def kv_cache_bytes(model: Any, dtype: Any, rows: int, tokens: int) -> int:
     return 2 * rows * d.kv_heads * d.head_dim * d.cache_tokens(tokens) * _dtype_bytes(dtype)
 
 
+# The prefill's LM head on the CPU in 16 bits. generate keeps only the last position's
+# logits (logits_to_keep=1: the head reads hidden[:, -1:, :], a strided slice of the
+# prefill's (rows, prompt, hidden)), and with frozen weights (requires_grad False) torch's
+# matmul does not fold that into one GEMM: it runs a batched matmul over the rows, and some
+# CPUs' 16-bit kernels copy the head's expanded weight, once per row, while others (those
+# with AVX512-BF16 or AMX, for one) do not; float16 and bfloat16 may differ on one CPU. So
+# the plan measures it, once per process and dtype: PROBE_ROWS rows through a weight large
+# enough to tell a copy from the allocator's noise (32 MiB in 16 bits).
+PROBE_ROWS = 2
+PROBE_VOCAB, PROBE_HIDDEN = 16384, 1024
+
+
+def _head_copies(dtype: str) -> float:
+    """The probe itself, in the child process of head_copies_per_row: the peak RSS growth
+    of the op, in copies of the weight per row (2 decimals); 1.0 where the peak RSS
+    cannot be reset (not Linux)."""
+    import torch
+    import torch.nn.functional as F
+
+    from es_mpi import memory
+
+    dt = getattr(torch, dtype)
+    weight = torch.ones(PROBE_VOCAB, PROBE_HIDDEN, dtype=dt)
+    hidden = torch.ones(PROBE_ROWS, 2, PROBE_HIDDEN, dtype=dt)
+    weight_bytes = weight.numel() * weight.element_size()
+    with torch.no_grad():
+        F.linear(hidden[:, -1:, :], weight)  # the kernels' first use, not measured
+        memory.reset_peak_rss()
+        before = memory.rss_bytes()
+        if memory.peak_rss_bytes() > before + weight_bytes // 2:
+            return 1.0  # the peak did not reset: cannot measure
+        logits = F.linear(hidden[:, -1:, :], weight)
+        grown = memory.peak_rss_bytes() - before - logits.numel() * logits.element_size()
+    return max(0.0, round(grown / (PROBE_ROWS * weight_bytes), 2))
+
+
+@functools.cache
+def head_copies_per_row(dtype: str) -> float:
+    """Copies of the LM head's weights one row of a CPU prefill makes in `dtype`
+    ('bfloat16', 'float16'), as measured on this machine: 0 or 1. It runs the op
+    generate runs (F.linear on the last position's strided slice, weights without grad,
+    under no_grad) and reads the peak RSS growth, in a child process (one thread, a few
+    seconds, once per process and dtype), so that this process's peak RSS, which the
+    engine and bench measure, is neither reset nor raised. Where it cannot measure
+    (the child fails, or not Linux), it assumes 1, the larger."""
+    code = f"from es_mpi.plan import _head_copies; print(_head_copies({dtype!r}))"
+    root = str(Path(__file__).resolve().parent.parent)  # this es_mpi, installed or not
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=env, timeout=300, check=True)
+        return float(proc.stdout.split()[-1])
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return 1.0
+
+
 def generate_bytes(model: Any, dtype: Any, rows: int, prompt_tokens: int,
                    max_new_tokens: int, device: str = "cuda") -> dict[str, int]:
     """Peak bytes of one greedy `generate` call of `rows` rows: {"kv_cache": the cache at
-    the end, "activations": the rest at the peak, "total"}.
+    the end, "activations": the rest at the peak, "total"}. Without the caching
+    allocator's reserve (see allocator_reserve_bytes).
 
     The peak is the largest of three moments: the prefill's last layer (cache of the
-    prompt, activations of every prompt token), the prefill's logits, and the last decode
-    step (full cache, one layer's keys made anew, the step's logits).
+    prompt, activations of every prompt token), the prefill's logits (with, on a CPU
+    whose 16-bit LM head copies its weights, the copies on top of the prefill's peak),
+    and the last decode step (full cache, one layer's keys made anew, the step's
+    logits). A CPU plan in 16 bits runs head_copies_per_row once per process and dtype
+    (a child process, a few seconds).
     """
     d = _dims(model)
     eb = _dtype_bytes(dtype)
@@ -270,14 +368,23 @@ def generate_bytes(model: Any, dtype: Any, rows: int, prompt_tokens: int,
                + rows * prompt_tokens * prompt_tokens)   # the boolean attention mask
     logits = rows * d.vocab * (eb + LOGIT_COPIES_FP32 * FP32)
     head = kv_prompt + logits
-    if device == "cpu" and eb == 2:
-        # torch on the CPU, 16-bit: the prefill's LM head reads a strided slice (the last
-        # position) and its batched matmul copies the head's weights once per row
-        head += rows * d.vocab * d.hidden * eb
+    if device == "cpu" and eb == 2 and prompt_tokens > 1:  # one token: a contiguous slice
+        copies = head_copies_per_row(str(dtype).removeprefix("torch."))
+        if copies:
+            # fresh memory on top of the prefill's peak, at worst all of it: glibc keeps
+            # the prefill's freed blocks under its mmap threshold (es_mpi.dist.
+            # return_freed_memory) resident in its heap
+            head = prefill + logits + round(rows * copies * d.vocab * d.hidden * eb)
     growth = kv_final // max(1, 2 * d.layers)         # one layer's keys, made anew
     decode = kv_final + growth + logits
     peak = max(prefill, head, decode)
     return {"kv_cache": kv_final, "activations": peak - kv_final, "total": peak}
+
+
+def allocator_reserve_bytes(evaluation_bytes: int, device: str) -> int:
+    """What torch's caching allocator holds beyond the evaluation phase's allocations on
+    a GPU (0 on the CPU): ALLOCATOR_RESERVE of them."""
+    return int(evaluation_bytes * ALLOCATOR_RESERVE) if device == "cuda" else 0
 
 
 def rows_that_fit(model: Any, dtype: Any, prompt_tokens: int, max_new_tokens: int,
@@ -285,11 +392,14 @@ def rows_that_fit(model: Any, dtype: Any, prompt_tokens: int, max_new_tokens: in
     """Rows per generate call whose KV cache and activations fit in `budget_bytes`.
 
     `model`: a transformers config (as `model.config`), a Shape or Dims; `dtype`: the
-    replica's (torch.bfloat16 or 'bfloat16'); tokens: the longest prompt and the new
-    tokens. Every term of generate_bytes grows linearly with the rows, so this is the
-    budget over one row's bytes, and at least 1 (a single row is always attempted).
+    replica's (torch.bfloat16 or 'bfloat16'); tokens: the longest prompt (training or
+    held-out) and the new tokens. Every term of generate_bytes grows linearly with the
+    rows, so this is the budget over one row's bytes, and at least 1 (a single row is
+    always attempted). On cuda a row also costs the allocator's reserve: the budget is
+    divided by 1 + ALLOCATOR_RESERVE.
     """
     one_row = generate_bytes(model, dtype, 1, prompt_tokens, max_new_tokens, device)["total"]
+    one_row += allocator_reserve_bytes(one_row, device)
     return max(1, int(budget_bytes // max(1, one_row)))
 
 
@@ -303,6 +413,7 @@ class Settings:
     dtype: str = "auto"          # auto: bfloat16 on a GPU rank, float32 on a CPU rank
     master: str = "device"
     decay_to: str = "zero"
+    credit: str = "realized"     # full mode, 16-bit replica: the update's credit
     population: int = 8
     member_batch: int = 0        # 0 = auto: as many members as one generate call holds
     rank: int = 1
@@ -313,10 +424,16 @@ class Settings:
     generate_batch: int = 0      # 0 = auto: all rows, or as many as fit in gpu_memory
     gpu_memory: int = 80 * 10**9
     device: str = "cuda"         # cuda: a GPU rank; cpu: a CPU rank (everything in RAM)
+    # held-out evaluation (es-mpi train --eval-every K > 0): its prompts per generate call
+    # (0 = none), their longest prompt (0 = as prompt_tokens), and held-out KL (--eval-kl)
+    eval_batch_size: int = 0
+    eval_prompt_tokens: int = 0
+    eval_kl: bool = False
 
     def __post_init__(self) -> None:
         choices = {"mode": ("full", "lowrank"), "master": ("device", "host"),
                    "decay_to": ("zero", "init"), "device": ("cuda", "cpu"),
+                   "credit": ("realized", "intended"),
                    "dtype": ("auto", *DTYPE_BYTES)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -336,6 +453,15 @@ class Settings:
             raise EsError(f"--generate-batch {self.generate_batch}: must be >= 0 (0 = auto)")
         if self.gpu_memory <= 0:
             raise EsError("--gpu-memory must be more than 0 bytes")
+        if self.eval_batch_size < 0:
+            raise EsError(f"--eval-batch-size {self.eval_batch_size}: must be >= 0 (0 = no "
+                          "held-out evaluation)")
+        if self.eval_prompt_tokens < 0:
+            raise EsError(f"--eval-prompt-tokens {self.eval_prompt_tokens}: must be >= 0 "
+                          "(0 = as --prompt-tokens)")
+        if self.eval_kl and not self.eval_batch_size:
+            raise EsError("--eval-kl: held-out KL is measured in held-out evaluations; give "
+                          "their --eval-batch-size too (es-mpi train's default is 16)")
 
     @property
     def replica_dtype(self) -> str:
@@ -349,6 +475,19 @@ class Settings:
         return self.members * self.prompts
 
     @property
+    def call_rows(self) -> int:
+        """Rows of the largest generate call, training or held-out, before micro-batches."""
+        return max(self.rows, self.eval_batch_size)
+
+    @property
+    def generate_tokens(self) -> int:
+        """The prompt tokens generate is sized for: the longer of the training prompts and,
+        with held-out evaluation, the held-out ones."""
+        if not self.eval_batch_size:
+            return self.prompt_tokens
+        return max(self.prompt_tokens, self.eval_prompt_tokens or self.prompt_tokens)
+
+    @property
     def members(self) -> int:
         """Members per generate (lowrank: the group; auto, before it is decided: all N)."""
         if self.mode != "lowrank":
@@ -356,9 +495,12 @@ class Settings:
         return min(self.member_batch or self.population, self.population)
 
 
-TERMS = ("weights", "master", "anchor", "staging", "noise_work", "lowrank_factors",
-         "kv_cache", "activations", "update", "cuda_context", "runtime")
-EVALUATION = ("lowrank_factors", "kv_cache", "activations")  # alive during generate only
+TERMS = ("weights", "kl_model", "master", "anchor", "staging", "noise_work", "kept_draws",
+         "lowrank_factors", "kv_cache", "activations", "allocator_reserve", "update",
+         "cuda_context", "runtime")
+# alive during generate only (the allocator's reserve: the evaluation phase's, see
+# ALLOCATOR_RESERVE)
+EVALUATION = ("lowrank_factors", "kv_cache", "activations", "allocator_reserve")
 
 
 @dataclass
@@ -405,6 +547,8 @@ def _terms(shape: Shape, s: Settings, micro: int) -> tuple[dict[str, int], dict[
     host = dict.fromkeys(TERMS, 0)
 
     dev["weights"] = shape.params * eb
+    if s.eval_kl:  # the base model, loaded at the first held-out evaluation, then kept
+        dev["kl_model"] = shape.params * eb
     master = trained * FP32
     if lowrank and s.replica_dtype == "float32" and not on_host:
         master = 0  # the fp32 parameters are their own master
@@ -413,43 +557,56 @@ def _terms(shape: Shape, s: Settings, micro: int) -> tuple[dict[str, int], dict[
         (host if host_side else dev)["anchor"] = trained * FP32
     if on_host:
         dev["staging"] = largest * FP32
-    # noise work space: two fp32 chunks per device (es_mpi.es._work). A GPU holds all of
-    # it; on the CPU only the pages written are resident: a tensor's worth at most, and
-    # the second chunk only once an update wrote it.
+    # noise work space: fp32 chunks per device (es_mpi.es._work), two, or three and one
+    # chunk of the replica's dtype for the realized credit of a 16-bit replica. A GPU
+    # holds all of it; on the CPU only the pages written are resident: a tensor's worth
+    # at most per chunk, the first from the first perturbation, the others once an
+    # update wrote them (the Replica's: kept, and so resident from then on).
     chunk = NOISE_CHUNK if cuda else min(NOISE_CHUNK, largest)
     work = 2 * chunk * FP32
-    if not lowrank:  # the Replica's, made by the first perturbation, then kept (lowrank's
-        dev["noise_work"] = work if cuda else chunk * FP32   # update needs none)
+    realized = not lowrank and eb < FP32 and s.credit == "realized"
+    if realized:  # the Replica's work space serves the update too
+        dev["noise_work"] = 3 * chunk * FP32 + chunk * eb
+    elif not lowrank:  # lowrank's update needs no work space
+        dev["noise_work"] = work if cuda else chunk * FP32
+
+    # lowrank: each member's fp32 draws of every matrix, kept from its evaluation to its
+    # update (es_mpi.noise.LowRankNoise.keep_draws), in host memory (pinned for a GPU):
+    # a rank's members, all N where one rank evaluates them (the plan's case, the most);
+    # an antithetic pair keeps both copies
+    pairs = sum(a + b for a, b in shape.matrices)
+    if lowrank:
+        (host if cuda else dev)["kept_draws"] = s.population * s.rank * pairs * FP32
 
     # evaluation phase: one group's generate
     if lowrank:
         cols = s.members * s.rank
         largest_pair = max((a + b for a, b in shape.matrices), default=0) * cols
-        dev["lowrank_factors"] = (sum(a + b for a, b in shape.matrices) * cols * eb
-                                  + largest_pair * eb)  # and one matrix's stacked draws
-        # drawn in fp32 on the CPU, then concatenated, a matrix at a time
-        (host if cuda else dev)["lowrank_factors"] += largest_pair * FP32 * 2
-    gen = generate_bytes(shape.dims, s.replica_dtype, micro, s.prompt_tokens,
+        dev["lowrank_factors"] = (pairs * cols * eb
+                                  + largest_pair * eb)  # and one matrix's draws in eb
+    gen = generate_bytes(shape.dims, s.replica_dtype, micro, s.generate_tokens,
                          s.max_new_tokens, s.device)
     dev["kv_cache"], dev["activations"] = gen["kv_cache"], gen["activations"]
+    dev["allocator_reserve"] = allocator_reserve_bytes(
+        dev["lowrank_factors"] + gen["total"], s.device)
 
     # update phase (the KV cache is gone by then)
     if lowrank:
         seeds = s.population // 2 if s.antithetic else s.population
         kr = seeds * s.rank * FP32  # every distinct seed's factors of one matrix, side by side
-        concat = max((kr * max(2 * a, a + b) for a, b in shape.matrices), default=0)
-        drawn = max((kr * (a + b) for a, b in shape.matrices), default=0)  # on the CPU
-        own_work = 0 if on_host else (work if cuda else chunk * FP32)
-        dev["update"] = concat + own_work
+        # es_mpi.noise.LowRankNoise.add_update_: A and B side by side on the host, then
+        # on the device A, A times the coefficients, and B
+        dev["update"] = max((kr * (2 * a + b) for a, b in shape.matrices), default=0)
         if cuda:
-            host["update"] = drawn + concat
-        else:
-            dev["update"] += drawn
+            host["update"] = max((kr * (a + b) for a, b in shape.matrices), default=0)
+    elif realized:
+        dev["update"] = 0                    # the Replica's work space, counted above
     elif not on_host:
         dev["update"] = work                 # es_update_ makes its own work space
     elif not cuda:
         dev["update"] = chunk * FP32         # the update writes the Replica's second chunk
-    dev["update"] = max(dev["update"], chunk * 8)  # the checksum's int64 sums of a chunk
+    if cuda:  # the checksum's int64 sums of a chunk (the CPU's numpy sum makes none)
+        dev["update"] = max(dev["update"], chunk * 8)
     if cuda:
         dev["cuda_context"] = CUDA_CONTEXT_BYTES
     else:
@@ -494,16 +651,18 @@ def plan(shape: Shape, settings: Settings) -> Plan:
                       "lowrank mode; use --mode full")
     notes = []
     s = _with_members(shape, s, notes)
-    micro = min(s.generate_batch, s.rows) if s.generate_batch else s.rows
+    micro = min(s.generate_batch, s.call_rows) if s.generate_batch else s.call_rows
     if not s.generate_batch and s.device == "cuda":
-        # as the engine decides it: 90% of the memory free once the replica is loaded
+        # as the engine decides it: 90% of the memory free once the replica (and the KL
+        # base model) is loaded
         dev, _ = _terms(shape, s, 1)
-        loaded = sum(dev[k] for k in ("weights", "master", "anchor", "cuda_context"))
-        fit = rows_that_fit(shape, s.replica_dtype, s.prompt_tokens, s.max_new_tokens,
+        loaded = sum(dev[k] for k in ("weights", "kl_model", "master", "anchor",
+                                      "cuda_context"))
+        fit = rows_that_fit(shape, s.replica_dtype, s.generate_tokens, s.max_new_tokens,
                             int(max(0, s.gpu_memory - loaded) * 0.9))
-        micro = min(s.rows, fit)
-        notes.append(f"--generate-batch 0 (auto) gives {micro} of {s.rows} rows per generate "
-                     "call in this much GPU memory")
+        micro = min(s.call_rows, fit)
+        notes.append(f"--generate-batch 0 (auto) gives {micro} of {s.call_rows} rows per "
+                     "generate call in this much GPU memory")
     dev, host = _terms(shape, s, micro)
     dev["total"] = _total(dev)
     host["total"] = _total(host)
@@ -560,9 +719,15 @@ def suggestions(shape: Shape, p: Plan) -> list[str]:
         offer("--decay-to zero", q, "no fp32 anchor copy")
     if not out:
         k = max(2, math.ceil(p.device["total"] / (budget * 0.9)))
-        out.append(f"split the replica across GPUs: --gpus-per-rank {k}, about "
-                   f"{human(p.device['total'] / k)} per GPU (the weights alone are "
-                   f"{human(p.device['weights'])})")
+        if k <= MAX_GPUS_PER_RANK:
+            out.append(f"split the replica across GPUs: --gpus-per-rank {k}, about "
+                       f"{human(p.device['total'] / k)} per GPU (the weights alone are "
+                       f"{human(p.device['weights'])})")
+        else:
+            out.append(f"nothing fits: even split across {MAX_GPUS_PER_RANK} GPUs it "
+                       f"needs {human(p.device['total'] / MAX_GPUS_PER_RANK)} per GPU, "
+                       f"more than 90% of --gpu-memory {human(budget)}; is that the "
+                       "memory of one GPU?")
     return out
 
 
@@ -570,13 +735,16 @@ def suggestions(shape: Shape, p: Plan) -> list[str]:
 
 _LABELS = {
     "weights": "weights ({dtype} replica)",
+    "kl_model": "KL base model (--eval-kl)",
     "master": "fp32 master",
     "anchor": "decay anchor (--decay-to init)",
     "staging": "staging buffer (--master host)",
     "noise_work": "noise work buffers",
+    "kept_draws": "lowrank draws kept for the update",
     "lowrank_factors": "lowrank factors (one group)",
     "kv_cache": "KV cache ({rows} rows x {seq} tokens)",
     "activations": "generate: activations, logits",
+    "allocator_reserve": "allocator reserve (assumed {reserve}%)",
     "update": "update transients",
     "cuda_context": "CUDA context (assumed)",
     "runtime": "libraries' first use",
@@ -587,7 +755,7 @@ def report(shape: Shape, p: Plan) -> str:
     """The plan as the lines `es-mpi plan` prints."""
     s = p.settings
     d = shape.dims
-    seq = s.prompt_tokens + s.max_new_tokens
+    seq = s.generate_tokens + s.max_new_tokens
     where = "GPU" if s.device == "cuda" else "CPU"
     auto = " (dtype auto: a GPU rank)" if s.dtype == "auto" and s.device == "cuda" else ""
     group = (f" in groups of {s.members}, rank {s.rank}"
@@ -600,15 +768,20 @@ def report(shape: Shape, p: Plan) -> str:
         f"{d.heads} heads, {d.kv_heads} KV heads x {d.head_dim}, vocab {d.vocab}",
         f"  batch: population {s.population}{group}; {s.prompts} prompts x "
         f"({s.prompt_tokens} prompt + {s.max_new_tokens} new tokens); {p.generate_batch} "
-        f"of {s.rows} rows per generate call",
+        f"of {s.call_rows} rows per generate call",
         "",
         f"  {'per rank':<42}{where:>11}{'host':>11}",
     ]
+    if s.eval_batch_size:
+        lines.insert(3, f"  held-out: {s.eval_batch_size} prompts per call x "
+                        f"({s.eval_prompt_tokens or s.prompt_tokens} prompt + "
+                        f"{s.max_new_tokens} new tokens)"
+                        + (", KL to the base model" if s.eval_kl else ""))
     for term in TERMS:
         dv, hv = p.device[term], p.host[term]
         if dv or hv:
             label = _LABELS[term].format(dtype=s.replica_dtype, rows=p.generate_batch,
-                                         seq=seq)
+                                         seq=seq, reserve=round(100 * ALLOCATOR_RESERVE))
             lines.append(f"  {label:<42}{human(dv) if dv else '-':>11}"
                          f"{human(hv) if hv else '-':>11}")
     lines.append(f"  {'total (peak)':<42}{human(p.device['total']):>11}"
@@ -629,6 +802,7 @@ def report(shape: Shape, p: Plan) -> str:
         lines.append(f"does not fit in {human(s.gpu_memory)} of GPU memory "
                      f"({human(p.device['total'] - s.gpu_memory)} over); to fit:")
         lines += [f"  {tip}" for tip in suggestions(shape, p)]
-    lines.append("Estimates calibrated against peaks measured on the CPU; on a GPU the "
-                 "caching allocator may reserve more than it allocates: leave a margin.")
+    lines.append("Estimates calibrated against peaks measured on the CPU; the GPU's "
+                 "allocator reserve and CUDA context are assumptions no GPU has checked "
+                 "yet: leave a margin.")
     return "\n".join(lines)
