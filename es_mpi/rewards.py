@@ -1,6 +1,6 @@
 """Calling a task's reward code safely: every failure becomes one named error message.
 
-Policy (documented in the README): a reward that raises, returns something that is not a
+Policy (documented in docs/tasks.md): a reward that raises, returns something that is not a
 finite real number, or runs past --reward-timeout stops the run with an error naming the
 task, the member or example and the rank; the generation is not written, so no update is
 ever made from a bad reward.

@@ -1,7 +1,7 @@
 """Faults injected for real: killed ranks, signals, a full disk, damaged run files.
 
 Each test injects one fault into real processes (`mpiexec -n 2` on a tiny model) or into a
-real run file and checks the outcome README.md promises ("What happens when things fail"):
+real run file and checks the outcome docs/failures.md promises:
 the job ends within a bounded time (no rank left waiting), one clear error line or a clean
 stop, the run file valid up to its last complete generation, and a resume that ends
 bit-identical to a run that never failed (`reference`).

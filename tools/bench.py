@@ -1,4 +1,4 @@
-"""The README's benchmark: one ES generation per mode vs pure inference, demo model.
+"""The benchmark of docs/speed.md: one ES generation per mode vs pure inference, demo model.
 
     python tools/bench.py [--model demo/model] [--json docs/bench/cpu.json] [extra flags]
 
