@@ -67,10 +67,14 @@ class FullEvaluator:
 
 class LowRankEvaluator:
     """The group's members x prompts in one generate on unmodified weights: rows
-    [k*P, (k+1)*P) see member k's perturbation, added inside the forward pass."""
+    [k*P, (k+1)*P) see member k's perturbation, added inside the forward pass.
+
+    One evaluator per generation: it has the replica's noise keep the factors it draws,
+    so the update reuses them instead of drawing them again (LowRankNoise.keep_draws)."""
 
     def __init__(self, s):
         self.s = s
+        s.replica.noise.keep_draws()
 
     def completions(self, group: list[int], seeds_n, signs_n, batch: dict,
                     timer: PhaseTimer) -> list[tuple[list[str], list[int]]]:

@@ -7,23 +7,27 @@ One generation t:
     z_n = shape(rewards_n)                         over the whole population
     theta += lr/N * sum_i z_i sign_i eps_i         same on every rank, in member order
     checksum and stop signals                      a second allgather of 4 int64
-Rank 0 then appends the generation to the run file and commits it (es_mpi.record).
+Rank 0 then appends the generation to the run file and commits it (es_mpi.record); a
+due checkpoint is written by a thread of rank 0 during the next generation's evaluation
+(which leaves the master alone) and commits its generation when complete; rank 0 waits
+for it before its next update.
 """
 
 from __future__ import annotations
 
+import functools
 import signal
 import time
 
 import numpy as np
 
-from es_mpi import memory, progress, runfile
+from es_mpi import memory, progress, record, runfile
 from es_mpi import model as hf
 from es_mpi.diagnostics import generation_diagnostics
 from es_mpi.errors import EsError
 from es_mpi.evaluators import REWARD_ERROR, SKIPPED, groups_of, member_groups, score_members
 from es_mpi.noise import member_seeds
-from es_mpi.record import held_out, write_checkpoint, write_generation
+from es_mpi.record import finish_checkpoint, held_out, write_checkpoint, write_generation
 from es_mpi.session import Session, prompt_ids_for
 from es_mpi.shaping import shape
 from es_mpi.stop import Stopped
@@ -31,9 +35,12 @@ from es_mpi.timing import PhaseTimer
 from es_mpi.tracking import TensorBoard
 
 
-def run_generation(s: Session, t: int) -> tuple[dict, int]:
+def run_generation(s: Session, t: int,
+                   writer: runfile.RunWriter | None = None) -> tuple[dict, int]:
     """Evaluate, gather, shape, update: (the generation's run-file row, stop signal).
-    Raises Stopped (on every rank) if the generation was abandoned for a stop signal."""
+    Raises Stopped (on every rank) if the generation was abandoned for a stop signal.
+    `writer` (rank 0): its checkpoint in flight, written while this generation evaluated,
+    is waited for before the update changes the master (the wait counts as time_io)."""
     cfg, dist = s.cfg, s.dist
     timer, moved = PhaseTimer(s.devices), dist.bytes_moved
     memory.reset_peak(s.devices)
@@ -55,6 +62,9 @@ def run_generation(s: Session, t: int) -> tuple[dict, int]:
         _check_rows(s, rows, seeds_n, error, t)
     rewards_n = rows["reward"].astype(np.float64)
     due = (t + 1) % cfg.checksum_every == 0
+    if writer is not None:
+        with timer("io"):
+            finish_checkpoint(writer)
     with timer("update"):  # with the checksum when due or on rank 0 (the run file's)
         z_n = shape(rewards_n, cfg.shaping)
         summed = s.replica.update(seeds_n, signs_n, z_n, cfg.lr, cfg.weight_decay, s.anchor,
@@ -70,7 +80,8 @@ def run_generation(s: Session, t: int) -> tuple[dict, int]:
            **generation_diagnostics(rewards_n, seeds_n, signs_n, z_n, cfg.lr, cfg.antithetic)}
     for phase in ("eval", "perturb", "generate", "score", "gather", "update", "checksum"):
         row[f"time_{phase}"] = timer[phase]
-    row.update(time_io=0.0, time_total=0.0, timestamp=0.0)  # rank 0 writing (es_mpi.record)
+    # rank 0 writing (es_mpi.record), after any wait for the previous checkpoint
+    row.update(time_io=timer["io"], time_total=0.0, timestamp=0.0)
     return row, stop
 
 
@@ -109,11 +120,18 @@ def train_loop(s: Session, writer: runfile.RunWriter | None, start: int, fresh: 
     `board`: rank 0's TensorBoard writer (--tensorboard), fed as generations commit."""
     try:
         _generations(s, writer, start, fresh, board)
+        finish_checkpoint(writer)  # the last generation's
     except Stopped as stopped:
+        finish_checkpoint(writer)
         if writer is not None and stopped.complete > 0:
             if stopped.complete not in runfile.checkpoint_list(writer.f):
                 write_checkpoint(s, writer, stopped.complete, s.replica.checksum())
             writer.f.flush()
+        raise
+    except BaseException:
+        if writer is not None and writer.pending is not None:
+            writer.pending.wait()  # its generation is committed if it completes; an
+            writer.pending = None  # error of its own is second to the one raised here
         raise
 
 
@@ -131,18 +149,23 @@ def _generations(s: Session, writer: runfile.RunWriter | None, start: int, fresh
     for t in range(start, total):
         t_start = time.perf_counter()
         with show.running(t, total):  # a live status line on a terminal
-            row, stop = run_generation(s, t)
+            row, stop = run_generation(s, t, writer)
             done, result = t + 1, None
             if not stop and every and (done % every == 0 or done == total):
                 result = held_out(s, writer, done)
-            if s.dist.is_root:
-                write_generation(s, writer, t, row, t_start)
-        if board is not None:  # after the commit: the event files never run ahead of it
-            board.generation(t, row)
-            if result is not None:
-                board.held_out(done, result)
-            board.flush()
+            if s.dist.is_root:  # the board after the commit: never ahead of the run file
+                write_generation(s, writer, t, row, t_start, record.BACKGROUND,
+                                 None if board is None else
+                                 functools.partial(_publish, board, t, row, done, result))
         if s.dist.is_root:
             show.generation(t, total, row, None if result is None else result.summary())
         if stop:
             raise Stopped(stop, done)
+
+
+def _publish(board: TensorBoard, t: int, row: dict, done: int, result) -> None:
+    """Generation t on the TensorBoard, once the run file has committed it."""
+    board.generation(t, row)
+    if result is not None:
+        board.held_out(done, result)
+    board.flush()

@@ -288,13 +288,19 @@ def population(matrices: dict[str, list[Use]], master: dict[str, torch.Tensor],
         raise ValueError(f"{rows} rows do not split into {len(seeds)} members")
     replaced: list[tuple[torch.nn.Module, object]] = []  # module, its own instance forward
     factors: list[_Member] = []
+    held: list[torch.Tensor] = []  # pinned draws, alive until the block's passes ran
     try:
         for name, uses in matrices.items():
             theta = master[name]
             weight = uses[0].module.weight
-            pairs = [noise.factors(seed, name, theta, "cpu") for seed in seeds]
-            a = torch.stack([a for a, _ in pairs]).to(weight.device, weight.dtype)
-            b = torch.stack([b for _, b in pairs]).to(weight.device, weight.dtype)
+            # one draw per distinct seed, on the host (kept for the update where the
+            # evaluator asked, LowRankNoise.keep_draws); pinned for a GPU, so that the
+            # copy below does not block
+            cuda = weight.device.type == "cuda"
+            ab = noise.draws(seeds, name, theta.shape, pin=cuda)
+            held.append(ab)
+            ab = ab.to(weight.device, weight.dtype, non_blocking=cuda)
+            a, b = ab[:, :theta.shape[0]], ab[:, theta.shape[0]:]  # _Member copies them
             coef = torch.tensor([sign * sigma * noise.scale for sign in signs],
                                 dtype=weight.dtype, device=weight.device)
             for use in uses:

@@ -71,18 +71,32 @@ def tensor_noise(seed: int, name: str, shape: torch.Size, device: torch.device) 
 
 
 def lowrank_factors(seed: int, name: str, shape: torch.Size, rank: int,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                    device: torch.device, out: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Thin fp32 factors (A, B) of one member's perturbation of a matrix (out x in).
 
     The perturbation is A @ B.T / sqrt(rank), A: (out, rank), B: (in, rank); each of its
     entries has unit variance, like full-mode noise. Both factors come from one draw, made
     on the CPU whatever `device` is (they are small): a GPU's generator depends on the GPU
     model, the CPU's does not, so lowrank noise is the same on every machine.
+
+    `out`: a contiguous fp32 CPU tensor of (out + in, rank) to draw into (pinned memory, a
+    member's slice of a stacked buffer), the same numbers; A and B are then views of it.
+    For a CUDA `device` the draw goes to pinned memory and is copied without blocking
+    (torch's pinned allocator keeps that memory until the copy has run).
     """
     out_features, in_features = shape
     gen = torch.Generator(device="cpu")
     gen.manual_seed(derive_seed(seed, name))
-    ab = torch.randn((out_features + in_features, rank), generator=gen, dtype=torch.float32)
+    size = (out_features + in_features, rank)
+    cuda = torch.device(device).type == "cuda"
+    if out is None:
+        out = torch.empty(size, dtype=torch.float32, pin_memory=cuda)
+    elif out.shape != size or out.dtype != torch.float32 or not out.is_contiguous() \
+            or out.device.type != "cpu":
+        raise ValueError(f"lowrank_factors: out must be a contiguous fp32 CPU tensor of "
+                         f"{size}, not {tuple(out.shape)} {out.dtype} on {out.device}")
+    ab = torch.randn(size, generator=gen, dtype=torch.float32, out=out)
     if torch.device(device).type != "cpu":
         ab = ab.to(device, non_blocking=True)
     return ab[:out_features], ab[out_features:]
@@ -109,13 +123,36 @@ class FullNoise:
 
 
 class LowRankNoise:
-    """Member noise of a matrix: A_i @ B_i.T / sqrt(r) (EGGROLL), thin factors from the seed."""
+    """Member noise of a matrix: A_i @ B_i.T / sqrt(r) (EGGROLL), thin factors from the seed.
+
+    A generation draws each member's factors once: `keep_draws()` (the evaluator, at the
+    start of a generation's evaluation) makes `draws` keep the CPU draws of the members
+    this rank evaluates, and `add_update_` takes them from there, drawing only those of
+    the members other ranks evaluated; it drops each matrix's draws as it adds them.
+    Memory: the kept draws are this rank's members' factors, 4 * r * (rows + cols) bytes
+    per matrix per member (a stacked group keeps an antithetic partner's copy too), held
+    from its evaluation to the end of its update at most one generation: at r = 1 about
+    10 MB per member for a 7B Llama (32 layers of 4 x 4096^2 + 3 x 11008 x 4096, plus
+    embeddings), 330 MB for 32 members on one rank. The draws are the same numbers
+    either way (same seed, same generator), so the weights are bit-identical.
+    """
 
     name = "lowrank"
     needs_work = False  # add_update_ adds its product in place, no work space
 
     def __init__(self, rank: int):
         self.rank = rank
+        # matrix name -> seed -> its (rows + cols, r) draw on the host, until the update
+        self._kept: dict[str, dict[int, torch.Tensor]] | None = None
+
+    def keep_draws(self) -> None:
+        """Keep the draws `draws` makes from now on for the update; drops any kept before
+        (an abandoned generation's)."""
+        self._kept = {}
+
+    def kept(self, name: str) -> dict[int, torch.Tensor]:
+        """The draws kept for matrix `name`, by seed (empty when none)."""
+        return {} if self._kept is None else self._kept.get(name, {})
 
     def factors(self, seed: int, name: str, theta: torch.Tensor,
                 device: torch.device | str | None = None):
@@ -123,6 +160,31 @@ class LowRankNoise:
         is A B^T / sqrt(r). They are drawn on the CPU whatever the device."""
         return lowrank_factors(seed, name, theta.shape, self.rank,
                                theta.device if device is None else device)
+
+    def draws(self, seeds: list[int], name: str, shape: torch.Size,
+              pin: bool = False) -> torch.Tensor:
+        """(len(seeds), rows + cols, r) fp32 on the host: each seed's raw factors of the
+        matrix (A on top of B), one draw per distinct seed (a repeated seed, an antithetic
+        pair, is copied), taken from the kept draws where there, kept where keeping.
+        `pin`: in pinned memory (for a copy to a GPU that does not block)."""
+        rows, cols = shape
+        out = torch.empty((len(seeds), rows + cols, self.rank), dtype=torch.float32,
+                          pin_memory=pin)
+        kept = None if self._kept is None else self._kept.setdefault(name, {})
+        first: dict[int, int] = {}
+        for k, seed in enumerate(seeds):
+            if seed in first:
+                out[k].copy_(out[first[seed]])
+                continue
+            first[seed] = k
+            have = None if kept is None else kept.get(seed)
+            if have is not None:
+                out[k].copy_(have)
+                continue
+            lowrank_factors(seed, name, shape, self.rank, "cpu", out=out[k])
+            if kept is not None:
+                kept[seed] = out[k]
+        return out
 
     @property
     def scale(self) -> float:
@@ -132,11 +194,28 @@ class LowRankNoise:
                     alpha: float, work: torch.Tensor | None = None) -> None:
         """theta += alpha * sum_j c_j A_j B_j^T / sqrt(r): one (out x Kr) @ (Kr x in)
         product added into theta by the GEMM itself (addmm_: one pass over theta and no
-        work space, see needs_work)."""
-        pairs = [self.factors(seed, name, theta, "cpu") for seed, _ in terms]
+        work space, see needs_work). The factors come from the kept draws where this
+        rank evaluated the member, else they are drawn here; the kept draws of `name`
+        are dropped after."""
+        kept = {} if self._kept is None else self._kept.pop(name, {})
+        if self._kept is not None and not self._kept:
+            self._kept = None  # every matrix updated: nothing is kept past the update
+        rows, cols = theta.shape
+        r, cuda = self.rank, theta.device.type == "cuda"
+        # fresh buffers, like the concatenations they replace (same layout, same bits);
+        # pinned where the product runs on a GPU, and alive until the product has run
+        a_host = torch.empty((rows, len(terms) * r), dtype=torch.float32, pin_memory=cuda)
+        b_host = torch.empty((cols, len(terms) * r), dtype=torch.float32, pin_memory=cuda)
+        for j, (seed, _) in enumerate(terms):
+            ab = kept.get(seed)
+            if ab is None:
+                a, b = lowrank_factors(seed, name, theta.shape, r, "cpu")
+            else:
+                a, b = ab[:rows], ab[rows:]
+            a_host[:, j * r:(j + 1) * r] = a
+            b_host[:, j * r:(j + 1) * r] = b
         coef = torch.tensor([c * self.scale for _, c in terms], dtype=torch.float32,
                             device=theta.device)
-        a = torch.cat([a for a, _ in pairs], dim=1).to(theta.device)
-        a = a * coef.repeat_interleave(self.rank)
-        b = torch.cat([b for _, b in pairs], dim=1).to(theta.device)
+        a = a_host.to(theta.device, non_blocking=cuda) * coef.repeat_interleave(r)
+        b = b_host.to(theta.device, non_blocking=cuda)
         theta.addmm_(a, b.T, alpha=alpha)

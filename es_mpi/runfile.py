@@ -62,7 +62,9 @@ GENERATION_FIELDS: dict[str, tuple[str, str]] = {
     "time_gather": ("f8", ""),
     "time_update": ("f8", ""),
     "time_checksum": ("f8", ""),
-    "time_io": ("f8", ""),
+    "time_io": ("f8", ""),         # rank 0's main thread on the run file: the rows, an
+                                   # in-line checkpoint, or the wait (before the update)
+                                   # for the previous one's background write (es_mpi.record)
     "time_total": ("f8", ""),
     "timestamp": ("f8", ""),       # unix time at the end of the generation
     "peak_mem_eval": ("i8", ""),   # peak memory of the evaluation phase, bytes, largest over
@@ -329,6 +331,10 @@ class RunWriter:
     def __init__(self, f: h5py.File):
         self.f = f
         self.path = f.filename
+        # a checkpoint being written by a thread (es_mpi.record.InFlight): while it runs,
+        # the thread alone touches the file
+        self.pending = None
+        self._margin: int | None = None  # check_space's margin, computed at first use
 
     # -- opening ----------------------------------------------------------------------
 
@@ -398,6 +404,10 @@ class RunWriter:
         return cls(f)
 
     def close(self) -> None:
+        if self.pending is not None:  # the loop waited for it (and reported its error)
+            self.pending.wait()       # unless it ended by another error: let it finish
+            self.pending = None
+        self._margin: int | None = None  # check_space's margin, computed at first use
         if self.f.id.valid:
             self.f.flush()
             self.f.close()
@@ -416,8 +426,10 @@ class RunWriter:
         space inside the file (left by dropped checkpoints) must hold `nbytes` and a margin
         for one new chunk of every generation field and the metadata.
         """
-        margin = (1 << 20) + sum(int(np.prod(ds.chunks)) * ds.dtype.itemsize
-                                 for ds in self.f["generations"].values())
+        if self._margin is None:  # the fields' chunks are fixed once the file is open
+            self._margin = (1 << 20) + sum(int(np.prod(ds.chunks)) * ds.dtype.itemsize
+                                           for ds in self.f["generations"].values())
+        margin = self._margin
         room = _space_left(self.path) + self.f.id.get_freespace()
         if room < nbytes + margin:
             mib = 1 << 20
@@ -470,12 +482,20 @@ class RunWriter:
     def write_checkpoint(self, generation: int, checksum: int,
                          master: Mapping[str, torch.Tensor],
                          base_rows: Callable[[str, int, int], torch.Tensor],
-                         keep: int) -> None:
+                         keep: int, verify: bool = False) -> None:
         """Store theta_t - theta_0 per tensor of `master` and drop old checkpoints.
 
         base_rows(name, r0, r1) gives rows r0..r1 of theta_0 (fp32). Tensors are written
         a block of rows at a time, so a checkpoint needs only a block of extra memory.
+        `verify`: the weights stored must have `checksum` (their bits summed block by
+        block as they are read), else the checkpoint is left incomplete and this raises:
+        a checkpoint written beside other work (es_mpi.record) proves that nothing
+        changed the weights while it read them.
         """
+        from es_mpi.es import bit_sum
+        from es_mpi.es import checksum as checksum_of
+
+        sums: dict[str, int] | None = {} if verify else None
         root = self.f["checkpoints"]
         if ".partial" in root:
             del root[".partial"]
@@ -492,6 +512,8 @@ class RunWriter:
             wrong_i, wrong_v = [], []
             for r0 in range(0, flat.shape[0], step):
                 block = flat[r0:r0 + step].to("cpu", torch.float32)
+                if sums is not None:
+                    sums[name] = sums.get(name, 0) + bit_sum(block)
                 block0 = base_rows(name, r0, r0 + block.shape[0]).reshape(block.shape)
                 delta = block - block0
                 wrong = ((block0 + delta) != block).view(-1).nonzero().view(-1)
@@ -506,6 +528,10 @@ class RunWriter:
                 fix = group.require_group("fixups").create_group(name)
                 fix.create_dataset("index", data=torch.cat(wrong_i).numpy())
                 fix.create_dataset("value", data=torch.cat(wrong_v).numpy())
+        if sums is not None and checksum_of(master, sums) != checksum:
+            raise RuntimeError(f"checkpoint {generation}: the weights changed while they were "
+                               "written (their checksum is not the generation's); the "
+                               "checkpoint was left incomplete")
         group.attrs["generation"] = generation
         group.attrs["checksum"] = checksum
         group.attrs["complete"] = True
