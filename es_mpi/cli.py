@@ -310,7 +310,7 @@ def report(run_files: tuple[str, ...], out_dir: str | None) -> None:
     def body(dist):
         from pathlib import Path
 
-        from es_mpi.report import write_report
+        from es_mpi.tooling.report import write_report
 
         if not dist.is_root:
             return
@@ -357,7 +357,7 @@ def report(run_files: tuple[str, ...], out_dir: str | None) -> None:
 @click.option("--scaling", is_flag=True,
               help="Also measure strong and weak scaling: real `mpiexec -n 1` and `-n 2` "
                    "training runs (one thread per rank) in full and lowrank mode at these "
-                   "settings; prints speedup and parallel efficiency (es_mpi.scaling).")
+                   "settings; prints speedup and parallel efficiency (es_mpi.tooling.scaling).")
 @click.option("--modes", default=",".join(("inference", "lowrank", "full", "paper")),
               show_default=True, help="Comma-separated modes to measure.")
 @click.option("--json", "json_out", metavar="FILE", default=None,
@@ -383,9 +383,9 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
     import json
     import os
 
-    from es_mpi.bench import MODES, table
-    from es_mpi.bench import bench as run_bench
     from es_mpi.model import check_model_dir
+    from es_mpi.tooling.bench import MODES, table
+    from es_mpi.tooling.bench import bench as run_bench
 
     try:
         check_model_dir(model)
@@ -414,7 +414,7 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
         echo = lambda m: click.echo(m, err=True)  # noqa: E731
         report = run_bench(opts, chosen, echo=echo, repeat=repeat, timeout=timeout)
         if scaling:
-            from es_mpi.bench import scaling_report
+            from es_mpi.tooling.bench import scaling_report
 
             report["scaling"] = scaling_report(opts, max(repeat, 1), echo)
     except EsError as exc:
@@ -490,7 +490,7 @@ def plan_command(model, mode, dtype, master, decay_to, credit, population, membe
     """
     import json
 
-    from es_mpi import plan as planner
+    from es_mpi.tooling import plan as planner
 
     try:
         settings = planner.Settings(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from es_mpi import devices, lowrank, progress, report, runfile, tracking
+from es_mpi import devices, lowrank, progress, runfile, summary, tracking
 from es_mpi import model as hf
 from es_mpi.config import Config
 from es_mpi.dist import Dist, set_threads
@@ -234,10 +234,10 @@ def _print_done(cfg: Config, dist: Dist) -> None:
     if not dist.is_root:
         return
     try:
-        summary = report.summary_line(cfg.run) + "\n"
+        line = summary.summary_line(cfg.run) + "\n"
     except EsError:  # the run is done and safe; its summary is a nicety
-        summary = "\n"
-    print(f"es-mpi: done. {summary}"
+        line = "\n"
+    print(f"es-mpi: done. {line}"
           f"  run file: {cfg.run}\n"
           f"  inspect: es-mpi inspect {cfg.run}\n"
           f"  report:  es-mpi report {cfg.run}      (plots, PNG)\n"

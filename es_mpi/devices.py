@@ -253,7 +253,7 @@ def generation_budget(devices: Sequence[torch.device], ranks_on_node: int) -> in
     the driver's free memory plus what torch reserved and does not use now (it serves new
     allocations first). CPU: 80% of the host memory available now, shared by the node's
     ranks. The plan's rows_that_fit then prices what the caching allocator will reserve
-    beyond the bytes it hands out (es_mpi.plan.ALLOCATOR_RESERVE)."""
+    beyond the bytes it hands out (es_mpi.sizing.ALLOCATOR_RESERVE)."""
     from es_mpi import memory
 
     gpus = [d for d in devices if d.type == "cuda"]

@@ -211,13 +211,13 @@ def longest_prompt(s: Session) -> int:
 
 def rows_that_fit(s: Session) -> int:
     """The rows of one generate call whose KV cache and activations fit in this rank's
-    memory (es_mpi.plan) as it is once everything resident has loaded (replica, master,
+    memory (es_mpi.sizing) as it is once everything resident has loaded (replica, master,
     the KL base model): es_mpi.devices.generation_budget."""
-    from es_mpi import plan
+    from es_mpi import sizing
 
     s.sync()
     budget = dev.generation_budget(s.devices, s.dist.local_size)
-    return plan.rows_that_fit(s.model.config, next(s.model.parameters()).dtype,
+    return sizing.rows_that_fit(s.model.config, next(s.model.parameters()).dtype,
                               longest_prompt(s), s.cfg.max_new_tokens, budget, s.device.type)
 
 
@@ -238,7 +238,7 @@ def decide_batches(s: Session) -> None:
         s.dist.collective(lambda: kl_base_model(s))
     fits = int(s.dist.allgather_ints([rows_that_fit(s)])[:, 0].min())
     if auto_members:
-        from es_mpi.plan import members_per_call
+        from es_mpi.sizing import members_per_call
 
         cfg = cfg.replace(member_batch=members_per_call(
             cfg.generate_batch or fits, n_prompts(cfg, s.train), cfg.population))

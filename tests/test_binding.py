@@ -170,8 +170,8 @@ def test_a_device_without_index_loads_onto_the_current_gpu(monkeypatch):
 
 
 def test_bench_binds_its_inference_model_to_an_indexed_gpu(monkeypatch, tiny_model):
-    from es_mpi import bench
     from es_mpi import model as hf
+    from es_mpi.tooling import bench
 
     FakeNode(monkeypatch, "a", node_uuids("a", 1))
     placed = []
@@ -261,16 +261,18 @@ def test_binding_under_a_real_mpiexec(tmp_path):
         d = Dist()
         share = sys.argv[1] == "share"
         try:
-            got = devices.bind(d, 1, share)
-            print(f"rank {{d.rank}} got {{got[0]}}", flush=True)
+            text = f"got {{devices.bind(d, 1, share)[0]}}"
         except EsError as exc:
-            print(f"rank {{d.rank}} error {{exc}}", flush=True)
+            text = f"error {{exc}}"
+        with open(f"{{sys.argv[2]}}.{{d.rank}}", "w") as fh:  # mpiexec may merge stdout lines
+            fh.write(text)
     """))
     for mode, want in (("share", "got cuda:0"), ("alone", "error 2 ranks on a share")):
-        result = run_python_mpi(script, [mode], np=2)
+        out = tmp_path / mode
+        result = run_python_mpi(script, [mode, out], np=2)
         assert result.returncode == 0, result.stderr
-        lines = sorted(ln for ln in result.stdout.splitlines() if ln.startswith("rank"))
-        assert len(lines) == 2 and all(want in ln for ln in lines), lines
+        texts = [(tmp_path / f"{mode}.{r}").read_text() for r in range(2)]
+        assert all(t.startswith(want) for t in texts), texts
 
 
 @pytest.mark.parametrize("script", ["es_mpi_gpu.sbatch", "es_mpi_multinode.sbatch"])
@@ -323,7 +325,7 @@ def test_the_batch_is_sized_after_the_kl_model_and_for_the_held_out_prompts(
 
     from transformers import AutoTokenizer
 
-    from es_mpi import plan, session
+    from es_mpi import session, sizing
     from es_mpi.config import Config
     from es_mpi.dist import Dist
 
@@ -339,7 +341,7 @@ def test_the_batch_is_sized_after_the_kl_model_and_for_the_held_out_prompts(
         seen.update(prompt_tokens=prompt_tokens, kl_loaded=s.kl_base is not None)
         return 3
 
-    monkeypatch.setattr(plan, "rows_that_fit", fake_rows_that_fit)
+    monkeypatch.setattr(sizing, "rows_that_fit", fake_rows_that_fit)
     cfg = Config(model=str(tiny_model), task="conciseness", task_data=str(data),
                  population=2, max_new_tokens=4, eval_every=1, eval_kl=True,
                  run=str(tmp_path / "r.h5"))

@@ -146,7 +146,7 @@ def test_train_records_kl_to_the_base_model(kl_run, tiny_model, tmp_path):
     info = json.loads(run_cli(["inspect", path, "--json"]).stdout)
     assert [e["kl"] for e in info["evals"]] == evals["kl"].tolist()
     assert "KL to base" in run_cli(["inspect", path]).stdout
-    from es_mpi import report
+    from es_mpi.tooling import report
 
     report.write_report([path], tmp_path / "rep")
     summary = (tmp_path / "rep" / "summary.md").read_text()
@@ -209,7 +209,7 @@ def test_files_without_kl_or_diagnostics_still_read_report_and_resume(kl_run, tm
     assert np.isnan(evals["kl"]).all() and len(evals["kl"]) == 3
     info = run_cli(["inspect", old])
     assert info.returncode == 0 and "KL to base" not in info.stdout
-    from es_mpi import report
+    from es_mpi.tooling import report
 
     rep = report.write_report([old], tmp_path / "rep")
     assert "diagnostics.png" not in {p.name for p in rep.files}

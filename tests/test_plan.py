@@ -230,7 +230,7 @@ def measured(models) -> dict[str, dict]:
 def plan_phases(p) -> dict[str, int]:
     """A plan's two phases, each with the resident terms: the evaluation phase (generate)
     and the update phase, as the engine's peak_mem_eval and peak_mem_update measure them."""
-    from es_mpi.plan import EVALUATION, TERMS
+    from es_mpi.tooling.plan import EVALUATION, TERMS
 
     resident = sum(p.device[k] for k in TERMS if k not in (*EVALUATION, "update"))
     return {"eval": resident + sum(p.device[k] for k in EVALUATION),
@@ -249,7 +249,7 @@ def runtime_bytes(models, measured, dtype: str, mode: str) -> dict[str, int]:
 
 def cpu_plan(model: Path, settings: dict, prompt_tokens: int):
     """The plan of a CPU rank for a case's settings, at the prompt length measured."""
-    from es_mpi import plan
+    from es_mpi.tooling import plan
 
     keys = ("mode", "dtype", "master", "decay_to", "credit", "population", "member_batch",
             "rank", "antithetic", "prompts", "max_new_tokens", "generate_batch")
@@ -261,7 +261,7 @@ def cpu_plan(model: Path, settings: dict, prompt_tokens: int):
 @pytest.mark.parametrize("case", list(CASES))
 def test_plan_within_15_percent_of_the_measured_cpu_peak_in_each_phase(case, models,
                                                                        measured):
-    from es_mpi.plan import TERMS
+    from es_mpi.tooling.plan import TERMS
 
     model, settings = CASES[case]
     got = measured[case]
@@ -301,7 +301,7 @@ PUBLISHED = {"qwen2.5-0.5b": 0.49, "qwen2.5-1.5b": 1.54, "qwen2.5-3b": 3.09,
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_shipped_configs_have_the_published_parameter_counts(name):
-    from es_mpi import plan
+    from es_mpi.tooling import plan
 
     shape = plan.shape_of(name)
     assert round(shape.params / 1e9, 2) == PUBLISHED[name]
@@ -309,7 +309,7 @@ def test_shipped_configs_have_the_published_parameter_counts(name):
 
 
 def test_shapes_counted_exactly():
-    from es_mpi import plan
+    from es_mpi.tooling import plan
 
     small = plan.shape_of("Qwen2.5-0.5B-Instruct")
     # tied embedding counted once: 151936 x 896 + 24 layers (q 896x896+896, k and v
@@ -326,7 +326,7 @@ def test_shapes_counted_exactly():
 
 
 def test_model_dir_and_config_file_give_the_same_shape(tiny_model):
-    from es_mpi import plan
+    from es_mpi.tooling import plan
 
     by_dir = plan.shape_of(str(tiny_model))
     by_file = plan.shape_of(str(tiny_model / "config.json"))
@@ -338,7 +338,7 @@ def test_rows_that_fit_takes_a_transformers_config():
     import torch
     from transformers import AutoConfig
 
-    from es_mpi import plan
+    from es_mpi.tooling import plan
 
     config = AutoConfig.from_pretrained(plan.resolve("qwen2.5-7b")[1])
     one = plan.generate_bytes(config, torch.bfloat16, 1, 100, 1024)["total"]
@@ -357,7 +357,7 @@ def test_rows_that_fit_takes_a_transformers_config():
 
 
 def test_the_allocator_reserve_is_a_quarter_of_the_evaluation_phase_on_a_gpu_only():
-    from es_mpi import plan
+    from es_mpi.tooling import plan
 
     shape = plan.shape_of("qwen2.5-0.5b")
     for mode in ("full", "lowrank"):
@@ -373,7 +373,7 @@ def test_the_allocator_reserve_is_a_quarter_of_the_evaluation_phase_on_a_gpu_onl
 
 
 def test_a_cuda_plan_does_no_torch_work(monkeypatch):
-    from es_mpi import plan
+    from es_mpi.tooling import plan
 
     def probe(dtype):
         raise AssertionError("a GPU plan ran the CPU's LM-head probe")
@@ -387,7 +387,7 @@ def test_a_cuda_plan_does_no_torch_work(monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_the_lm_head_probe_counts_whole_copies(dtype):
-    from es_mpi import plan
+    from es_mpi.tooling import plan
 
     # a kernel copies the head's weights for each row or it does not: a fraction far from
     # a whole number would be the probe measuring something else (first-use allocations)
@@ -398,7 +398,8 @@ def test_the_lm_head_probe_counts_whole_copies(dtype):
 def test_the_lm_head_probe_leaves_this_process_peak_alone():
     import torch
 
-    from es_mpi import memory, plan
+    from es_mpi import memory
+    from es_mpi.tooling import plan
 
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("no peak RSS to reset here (not Linux)")
@@ -410,7 +411,7 @@ def test_the_lm_head_probe_leaves_this_process_peak_alone():
 
 
 def test_held_out_prompts_size_generate_and_kl_adds_a_copy_of_the_weights():
-    from es_mpi import plan
+    from es_mpi.tooling import plan
 
     shape = plan.shape_of("qwen2.5-0.5b")  # 24 layers, 2 KV heads of 64 values
     per_token = 2 * 24 * 2 * 64 * 2  # keys and values, bf16
@@ -431,7 +432,7 @@ def test_held_out_prompts_size_generate_and_kl_adds_a_copy_of_the_weights():
 
 
 def test_a_gpus_per_rank_suggestion_is_never_absurd():
-    from es_mpi import plan
+    from es_mpi.tooling import plan
 
     shape = plan.shape_of("qwen2.5-7b")
     # the replica alone (15.2 GB) does not fit in 12 GB: splitting it is the suggestion,
@@ -448,15 +449,15 @@ def test_a_gpus_per_rank_suggestion_is_never_absurd():
     ("80GB", 80 * 10**9), ("80GiB", 80 * 2**30), ("80G", 80 * 2**30), ("141GB", 141 * 10**9),
     ("512MiB", 512 * 2**20), ("1.5TB", 1.5 * 10**12), ("4096B", 4096), ("80 gb", 80 * 10**9)])
 def test_parse_size(text, size):
-    from es_mpi import plan
+    from es_mpi.tooling import plan
 
     assert plan.parse_size(text) == size
 
 
 @pytest.mark.parametrize("text", ["80", "141", "0.5", "4096"])
 def test_a_size_without_a_unit_is_refused(text):
-    from es_mpi import plan
     from es_mpi.errors import EsError
+    from es_mpi.tooling import plan
 
     # '--gpu-memory 80' meant 80 GB and planned 80 bytes
     with pytest.raises(EsError, match=f"--gpu-memory {text}: give a unit, e.g. {text}GB"):
@@ -485,7 +486,7 @@ def test_bad_input_is_one_error_line_before_any_heavy_work():
 def test_json_has_every_term_in_bytes():
     from conftest import run_cli
 
-    from es_mpi.plan import TERMS
+    from es_mpi.tooling.plan import TERMS
 
     result = run_cli(["plan", "--model", "qwen2.5-0.5b", "--json", "--mode", "full",
                       "--decay-to", "init", "--eval-kl", "--eval-batch-size", "16"])

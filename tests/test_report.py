@@ -15,8 +15,9 @@ from conftest import run_cli
 sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
 import experiments  # tools/experiments.py: the results tables
 
-from es_mpi import report, runfile
+from es_mpi import runfile
 from es_mpi.cli import cli
+from es_mpi.tooling import report
 
 pytest.importorskip("matplotlib")
 

@@ -5,7 +5,7 @@
     python tools/gpu_check.py --dry-run --out DIR  the same code path on the CPU, tiny models
 
 It builds random-weight models from the shipped configs of the paper's sizes
-(es_mpi/configs), then runs these steps in this order, each timed and recorded even
+(es_mpi/tooling/configs), then runs these steps in this order, each timed and recorded even
 when one fails:
   1. the CUDA tests (tests/test_gpu.py);
   2. determinism, on a random qwen2.5-0.5b with the tests' small vocabulary: in both
@@ -196,7 +196,7 @@ def build_model(name: str, out: Path, dry_run: bool, small_vocab: bool = False) 
     from tiny_model import make_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from es_mpi import plan
+    from es_mpi.tooling import plan
 
     values = json.loads(plan.resolve(name)[1].read_text())
     if dry_run:
@@ -293,7 +293,7 @@ def merge(reports: list[dict]) -> dict | None:
 def plan_against_peaks(model: Path, bench_report: dict) -> dict:
     """es-mpi plan's estimate for each ES mode's bench settings against the peak measured
     (torch's allocations on a GPU, RSS above the imports on the CPU)."""
-    from es_mpi import plan
+    from es_mpi.tooling import plan
 
     out = {}
     s = bench_report["settings"]

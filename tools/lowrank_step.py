@@ -37,8 +37,8 @@ def main(argv: list[str]) -> None:
     import torch
 
     from es_mpi import lowrank
-    from es_mpi.bench import Runner
     from es_mpi.noise import member_seeds
+    from es_mpi.tooling.bench import Runner
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from es_mpi import scaling
-from es_mpi.bench import machine
+from es_mpi.tooling import scaling
+from es_mpi.tooling.bench import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,8 +4,8 @@ an allgather microbenchmark, and a cost model of the per-generation communicatio
     measure(model, ...)        real `mpiexec -n k es-mpi train` runs, 1 and 2 ranks
                                interleaved; seconds per generation from the run files
     allgather_latency(...)     the two collectives of a generation (es_mpi.dist) timed
-                               alone under `mpiexec -n k python -m es_mpi.scaling allgather`
-    comm_model(N, P, a, b)     bytes per rank (es_mpi.bench.comm_bytes) and the latency of
+                               alone under `mpiexec -n k python -m es_mpi.tooling.scaling allgather`
+    comm_model(N, P, a, b)     bytes per rank (comm_bytes) and the latency of
                                the two allgathers, recursive doubling:
                                    T = alpha * ceil(log2 P) + beta * M * (P - 1) / P
                                M = the bytes gathered (the whole receive buffer)
@@ -39,6 +39,20 @@ NETWORKS = {
 }
 RUN_FIELDS = ("time_total", "time_io", "time_eval", "time_gather", "time_update",
               "time_checksum", "eval_seconds", "checksum", "comm_bytes", "world_size", "seeds")
+
+
+def comm_bytes(population: int, world: int) -> dict[str, int]:
+    """Bytes one rank sends and receives per generation: O(N) scalars, no model term.
+
+    Rows of (member, seed, reward, tokens, seconds, rank, status) for the population, and
+    four int64 (checksum, stop signal, peak memory of two phases) per rank; each rank
+    sends its share, receives all.
+    """
+    from es_mpi.evaluators import ROW_DTYPE
+
+    mine = -(-population // world)
+    return {"sent": mine * ROW_DTYPE.itemsize + 32,
+            "received": population * ROW_DTYPE.itemsize + 32 * world}
 
 
 def _bin(name: str) -> str | None:
@@ -248,7 +262,7 @@ def allgather_latency(ranks: int = 2, sizes: tuple[int, ...] = (8, 64, 512, 4096
     ranks, timed alone: per iteration the slowest rank's time, median over iterations."""
     from es_mpi.errors import EsError
 
-    cmd = [_mpiexec(mpiexec), "-n", str(ranks), sys.executable, "-m", "es_mpi.scaling",
+    cmd = [_mpiexec(mpiexec), "-n", str(ranks), sys.executable, "-m", "es_mpi.tooling.scaling",
            "allgather", "--sizes", ",".join(map(str, sizes)), "--repeat", str(repeat),
            "--warmup", str(warmup)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=False)
@@ -327,7 +341,6 @@ def comm_model(population: int, ranks: int, alpha: float, beta: float,
                algorithm: str = "recursive_doubling") -> dict:
     """Bytes one rank sends and receives per generation, and the modelled seconds of the
     generation's two allgathers (the member rows, then 4 int64 per rank)."""
-    from es_mpi.bench import comm_bytes
     from es_mpi.evaluators import ROW_DTYPE
 
     b = comm_bytes(population, ranks)
@@ -463,7 +476,7 @@ def table(report: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m es_mpi.scaling")
+    parser = argparse.ArgumentParser(prog="python -m es_mpi.tooling.scaling")
     sub = parser.add_subparsers(dest="command", required=True)
     ag = sub.add_parser("allgather", help="time the loop's collectives (run under mpiexec)")
     ag.add_argument("--sizes", default="8,64,512,4096", help="populations N, comma-separated")

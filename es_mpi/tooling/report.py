@@ -21,17 +21,17 @@ draws off-screen (Agg), so it works on a cluster node without a display.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from es_mpi import __version__, runfile
+from es_mpi import __version__
 from es_mpi.config import Config
 from es_mpi.errors import EsError
 from es_mpi.progress import format_seconds, phase_fields
+from es_mpi.summary import Run, load_run, run_stats, summary_line  # noqa: F401 (the report's API)
 
 DPI = 100
 SIZE = (7.0, 4.0)  # inches: 700 x 400 px at DPI
@@ -45,47 +45,12 @@ TRAJECTORY_KEYS = [f.name for f in dataclasses.fields(Config) if not f.metadata[
 
 
 @dataclass
-class Run:
-    """One run file's data, as the report uses it."""
-
-    path: Path
-    info: runfile.RunInfo
-    gens: dict[str, np.ndarray]
-    evals: dict[str, np.ndarray]
-    label: str = ""   # what sets this run apart from the others in the report
-    group: str = ""   # label of its group (runs that differ only by seed)
-
-    @property
-    def config(self) -> dict:
-        return json.loads(self.info.config.to_json())
-
-    @property
-    def done(self) -> int:
-        return self.info.complete_generations
-
-    @property
-    def x(self) -> np.ndarray:
-        """Generation numbers as the progress lines print them: 1..G."""
-        return np.arange(1, self.done + 1)
-
-
-@dataclass
 class Report:
     """What `write_report` wrote: files, and the legend labels of each plot (for tests)."""
 
     out_dir: Path
     files: list[Path] = field(default_factory=list)
     legends: dict[str, list[str]] = field(default_factory=dict)
-
-
-def load_run(path: str | Path) -> Run:
-    path = Path(path)
-    info = runfile.read_info(path)
-    if info.complete_generations == 0:
-        raise EsError(f"run file {path} has no complete generation yet; nothing to report")
-    short = str(Path(path.parent.name, path.name)) if path.parent.name else path.name
-    return Run(path=path, info=info, gens=runfile.read_generations(path),
-               evals=runfile.read_evals(path), label=short, group=short)
 
 
 # -- labels and groups -----------------------------------------------------------------
@@ -439,35 +404,6 @@ def _diagnostics_text(run: Run) -> str | None:
 
 # -- summary ---------------------------------------------------------------------------
 
-def run_stats(run: Run) -> dict:
-    """The numbers of a run the summary (and the final line of `es-mpi train`) quote."""
-    g = run.gens
-    mean = g["reward_mean"]
-    best = int(np.argmax(mean))
-    total = float(np.sum(g["time_total"]))
-    eval_time = float(np.sum(g["time_eval"]))
-    stats = {
-        "generations": run.done, "target": run.info.config.generations,
-        "first_mean": float(mean[0]), "last_mean": float(mean[-1]),
-        "best_mean": float(mean[best]), "best_generation": best + 1,
-        "seconds": total, "seconds_per_generation": total / run.done,
-        "tokens_per_second": float(np.sum(g["tokens"])) / eval_time if eval_time > 0 else 0.0,
-        "heldout": None,
-    }
-    ev = run.evals
-    if len(ev["generation"]):
-        acc = ev["accuracy"]
-        stats["heldout"] = {
-            "first_generation": int(ev["generation"][0]), "first": float(ev["mean_reward"][0]),
-            "last_generation": int(ev["generation"][-1]), "last": float(ev["mean_reward"][-1]),
-            "first_accuracy": float(acc[0]) if np.isfinite(acc[0]) else None,
-            "last_accuracy": float(acc[-1]) if np.isfinite(acc[-1]) else None,
-            "first_kl": float(ev["kl"][0]) if np.isfinite(ev["kl"][0]) else None,
-            "last_kl": float(ev["kl"][-1]) if np.isfinite(ev["kl"][-1]) else None,
-        }
-    return stats
-
-
 def _heldout_text(h: dict | None) -> str:
     if h is None:
         return "not evaluated (train with --eval-every K)"
@@ -489,18 +425,6 @@ def _spread(values: np.ndarray) -> str:
     if len(values) == 1:
         return f"{values[0]:.4g}"
     return f"{values.mean():.4g} \u00b1 {values.std():.2g}"
-
-
-def summary_line(path: str | Path) -> str:
-    """One line on a finished run: rewards first -> last, best, held-out, time."""
-    stats = run_stats(load_run(path))
-    line = (f"{stats['generations']} generations, reward mean {stats['first_mean']:.4g} -> "
-            f"{stats['last_mean']:.4g} (best {stats['best_mean']:.4g} at generation "
-            f"{stats['best_generation']}), {format_seconds(stats['seconds'])}")
-    if stats["heldout"] is not None:
-        h = stats["heldout"]
-        line += f"; held-out {h['first']:.4g} -> {h['last']:.4g}"
-    return line
 
 
 def _summary_markdown(runs: list[Run], report: Report, subdirs: dict[Path, str]) -> str:

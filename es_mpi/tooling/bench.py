@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from es_mpi.tooling.scaling import comm_bytes
+
 MODES = ("inference", "lowrank", "full", "paper")
 PHASES = ("perturb", "generate", "score", "restore", "gather", "update", "checksum", "io")
 
@@ -224,20 +226,6 @@ def run_repeats(modes: tuple[str, ...], opts: dict, repeat: int) -> dict:
     return {"seconds": seconds, "phases": phases}
 
 
-def comm_bytes(population: int, world: int) -> dict[str, int]:
-    """Bytes one rank sends and receives per generation: O(N) scalars, no model term.
-
-    Rows of (member, seed, reward, tokens, seconds, rank, status) for the population, and
-    four int64 (checksum, stop signal, peak memory of two phases) per rank; each rank
-    sends its share, receives all.
-    """
-    from es_mpi.evaluators import ROW_DTYPE
-
-    mine = -(-population // world)
-    return {"sent": mine * ROW_DTYPE.itemsize + 32,
-            "received": population * ROW_DTYPE.itemsize + 32 * world}
-
-
 def _paper_generation(model, tokenizer, batch, cfg, sync) -> tuple[int, dict[str, float]]:
     """A faithful re-implementation of the paper scripts' loop (the baseline).
 
@@ -297,7 +285,7 @@ def _worker(mode: str, opts: dict, *extra: str, timeout: float | None = None) ->
 
     if timeout is not None and timeout <= 0:
         raise EsError(f"bench mode {mode} timed out: no time left of --timeout")
-    cmd = [sys.executable, "-m", "es_mpi.bench", mode, json.dumps(opts), *extra]
+    cmd = [sys.executable, "-m", "es_mpi.tooling.bench", mode, json.dumps(opts), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(opts["threads"])}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
@@ -358,9 +346,9 @@ def bench(opts: dict, modes: tuple[str, ...], echo=print, repeat: int = 3,
 
 
 def scaling_report(opts: dict, repeat: int, echo=print) -> dict:
-    """Strong and weak scaling at the benchmark's settings (es_mpi.scaling.measure): real
+    """Strong and weak scaling at the benchmark's settings (es_mpi.tooling.scaling.measure): real
     1- and 2-rank training runs, one thread per rank, in full and lowrank mode."""
-    from es_mpi import scaling
+    from es_mpi.tooling import scaling
 
     common = {"task": opts["task"], "task_data": opts["task_data"] or None,
               "population": opts["population"], "prompts": opts["prompts"],
@@ -464,9 +452,9 @@ def table(report: dict) -> str:
         cells = [f"{r['phases'][p]:.2f}" if p in r["phases"] else "" for p in PHASES]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     if "scaling" in report:
-        from es_mpi import scaling
+        from es_mpi.tooling import scaling
 
-        lines += ["", "Scaling (1 and 2 ranks, one thread each; es_mpi.scaling):", "",
+        lines += ["", "Scaling (1 and 2 ranks, one thread each; es_mpi.tooling.scaling):", "",
                   scaling.scaling_table(report["scaling"])]
     return "\n".join(lines)
 
