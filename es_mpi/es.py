@@ -13,7 +13,7 @@ below half a step of a weight, that weight does not move: the member is evaluate
 unperturbed there. With credit "realized" (the default) the full-mode update credits each
 member with what its replica really received, rounded(master + sign * sigma * eps) -
 rounded(master), recomputed in the update with the very operations of `perturb`, so a
-weight that never moved gets no credit (DESIGN: precision on GPUs).
+weight that never moved gets no credit (docs/gpu.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The generation loop, on every rank (DESIGN.md section 1).
+"""The generation loop, on every rank (docs/design.md, "One generation").
 
 One generation t:
     seeds_n, signs_n = member_seeds(seed, t)       derived, never random state
