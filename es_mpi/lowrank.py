@@ -195,9 +195,8 @@ def _forward(f: _Member, forward):
     It replaces the module's forward for the block rather than hooking it (a module with
     a forward hook takes torch's slower call path), and it takes the input-side product
     before the module's own product: the weight's GEMM streams the weights through the
-    caches, and a small op right after it runs cold. On the demo model (CPU, one decode
-    step of 16 rows, 200 alternated steps, tools/lowrank_step.py) the two took the step
-    from 1.111x to 1.095x plain with 2 threads and from 1.071x to 1.053x with one."""
+    caches, and a small op right after it runs cold (what the two saved per decode step
+    is measured in docs/speed.md, with tools/lowrank_step.py)."""
     device = f.back.device
     embedding, outer = f.use.layout == EMBEDDING, f.back.shape[1] == 1
 
