@@ -13,7 +13,7 @@ from es_mpi import model as hf
 from es_mpi.config import Config
 from es_mpi.dist import Dist, set_threads
 from es_mpi.errors import EsError
-from es_mpi.evaluate import eval_examples, evaluate
+from es_mpi.heldout import eval_examples, evaluate
 from es_mpi.evaluators import member_groups
 from es_mpi.loop import train_loop
 from es_mpi.replay import rebuild

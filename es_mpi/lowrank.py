@@ -41,7 +41,7 @@ LINEAR, CONV1D, EMBEDDING = "linear", "conv1d", "embedding"
 
 
 @dataclass(frozen=True)
-class Use:
+class Reader:
     """One module that reads a perturbed weight, and how (its layout)."""
 
     module: torch.nn.Module
@@ -84,23 +84,23 @@ def _embedding_scale(module: torch.nn.Embedding) -> float | None:
     return scale
 
 
-def _use(module: torch.nn.Module) -> Use | None:
+def _reader(module: torch.nn.Module) -> Reader | None:
     """How `module` reads its `weight`, or None where this module cannot say exactly."""
     if _plain(module, torch.nn.Linear):
-        return Use(module, LINEAR)
+        return Reader(module, LINEAR)
     conv1d = _conv1d_class()
     if conv1d is not None and _plain(module, conv1d):
-        return Use(module, CONV1D)
+        return Reader(module, CONV1D)
     if isinstance(module, torch.nn.Embedding) and module.max_norm is None:
         if _plain(module, torch.nn.Embedding):
-            return Use(module, EMBEDDING)
+            return Reader(module, EMBEDDING)
         scale = _embedding_scale(module)
         if scale is not None:
-            return Use(module, EMBEDDING, scale)
+            return Reader(module, EMBEDDING, scale)
     return None
 
 
-def perturbed_matrices(model: torch.nn.Module) -> dict[str, list[Use]]:
+def perturbed_matrices(model: torch.nn.Module) -> dict[str, list[Reader]]:
     """Parameter name -> the modules that read it as a matrix, in model order.
 
     Raises EsError naming every parameter of two or more dimensions that is not the
@@ -108,14 +108,14 @@ def perturbed_matrices(model: torch.nn.Module) -> dict[str, list[Use]]:
     otherwise leave it untouched without a word.
     """
     names = {id(p): n for n, p in model.named_parameters()}
-    found: dict[str, list[Use]] = {}
+    found: dict[str, list[Reader]] = {}
     refused: dict[str, str] = {}
     for module in model.modules():
         for attr, p in module.named_parameters(recurse=False):
             name = names.get(id(p))
             if name is None or p.dim() < 2:
                 continue
-            use = _use(module) if attr == "weight" and p.dim() == 2 else None
+            use = _reader(module) if attr == "weight" and p.dim() == 2 else None
             if use is None:
                 refused.setdefault(name, type(module).__name__)
             else:
@@ -152,41 +152,41 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
-class _Member:
+class _GroupFactors:
     """One matrix's factors for every member of the group, per member, as the wrappers use
     them (members is the first dimension, so a window of members is a view):
 
-        into  (M, r, in)   the input side: rows of a Linear's B, a Conv1D's A, or for
+        in_side  (M, r, in)   the input side: rows of a Linear's B, a Conv1D's A, or for
                            an Embedding the (M, vocab, r) table its ids index
-        back  (M, r, out)  the output side, already times the member's sign*sigma/sqrt(r)
+        out_side  (M, r, out)  the output side, already times the member's sign*sigma/sqrt(r)
 
     `window` is what the wrapper needs for the rows the forward passes now see: (members,
-    rows, the input side as the wrapper multiplies it, back, an Embedding's table offsets)."""
+    rows, the input side as the wrapper multiplies it, out_side, an Embedding's table offsets)."""
 
-    def __init__(self, use: Use, a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor):
+    def __init__(self, use: Reader, a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor):
         # a, b: (M, W's first dim, r), (M, W's second dim, r); coef: (M,)
         if use.layout == EMBEDDING:   # e = W[ids] * s: rows of A picked by the ids, against B
-            into, back = a, b * use.scale if use.scale != 1.0 else b
+            in_side, out_side = a, b * use.scale if use.scale != 1.0 else b
         elif use.layout == CONV1D:    # y = x W, W (in x out): x (A B^T) = (x A) B^T
-            into, back = a.transpose(1, 2), b
+            in_side, out_side = a.transpose(1, 2), b
         else:                         # y = x W^T, W (out x in): x (A B^T)^T = (x B) A^T
-            into, back = b.transpose(1, 2), a
+            in_side, out_side = b.transpose(1, 2), a
         self.use = use
-        self.into = _dense(into)
-        self.back = _dense((back * coef.view(-1, 1, 1)).transpose(1, 2))
+        self.in_side = _dense(in_side)
+        self.out_side = _dense((out_side * coef.view(-1, 1, 1)).transpose(1, 2))
         self.window: tuple = ()
 
     def select(self, m0: int, m1: int, rows: int) -> None:
-        into = self.into[m0:m1]
+        in_side = self.in_side[m0:m1]
         if self.use.layout == EMBEDDING:  # member k's ids index the k-th table of the window
-            offsets = torch.arange(m1 - m0, device=into.device).view(-1, 1) * into.shape[1]
-            self.window = (m1 - m0, rows, into.reshape(-1, into.shape[-1]),
-                           self.back[m0:m1], offsets)
+            offsets = torch.arange(m1 - m0, device=in_side.device).view(-1, 1) * in_side.shape[1]
+            self.window = (m1 - m0, rows, in_side.reshape(-1, in_side.shape[-1]),
+                           self.out_side[m0:m1], offsets)
         else:
-            self.window = (m1 - m0, rows, into.transpose(1, 2), self.back[m0:m1], None)
+            self.window = (m1 - m0, rows, in_side.transpose(1, 2), self.out_side[m0:m1], None)
 
 
-def _forward(f: _Member, forward):
+def _forward(f: _GroupFactors, forward):
     """`forward` (the module's own) plus each row's own member's term: per member one thin
     product with the input side and one with the output side (the batch is member-major,
     so member k's rows are the k-th block of a view), added into the output in place:
@@ -197,27 +197,27 @@ def _forward(f: _Member, forward):
     before the module's own product: the weight's GEMM streams the weights through the
     caches, and a small op right after it runs cold (what the two saved per decode step
     is measured in docs/speed.md, with tools/lowrank_step.py)."""
-    device = f.back.device
-    embedding, outer = f.use.layout == EMBEDDING, f.back.shape[1] == 1
+    device = f.out_side.device
+    embedding, outer = f.use.layout == EMBEDDING, f.out_side.shape[1] == 1
 
     def perturbed(*args, **kwargs):
-        members, rows, into, back, offsets = f.window
+        members, rows, in_side, out_side, offsets = f.window
         x = args[0] if args else next(iter(kwargs.values()))
         if x.device != device:  # a replica split across devices: accelerate moves the
             x = x.to(device)    # input inside its own forward, so this sees it where it was
         if x.shape[0] != rows:
             return _shared(f, x, forward(*args, **kwargs))
         if embedding:  # one lookup in the window's tables, stacked
-            low = torch.nn.functional.embedding(x.reshape(members, -1) + offsets, into)
+            low = torch.nn.functional.embedding(x.reshape(members, -1) + offsets, in_side)
         else:
-            low = torch.bmm(x.reshape(members, -1, x.shape[-1]), into)
+            low = torch.bmm(x.reshape(members, -1, x.shape[-1]), in_side)
         output = forward(*args, **kwargs)
         # in place: the module's output is a fresh tensor that nothing else holds yet
         out = output.view(members, -1, output.shape[-1])
         if outer:  # rank 1: an outer product per member, cheaper as an elementwise op
-            out.addcmul_(low, back)
+            out.addcmul_(low, out_side)
         else:
-            out.baddbmm_(low, back)
+            out.baddbmm_(low, out_side)
         return output
     return perturbed
 
@@ -233,19 +233,19 @@ def _linear(module: torch.nn.Linear):
     return forward
 
 
-def _shared(f: _Member, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+def _shared(f: _GroupFactors, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """An output of one row shared by every row of the batch (position embeddings of
     (1, seq)): each member's term, repeated over its rows, on a new tensor."""
-    members, rows, into, back, offsets = f.window
+    members, rows, in_side, out_side, offsets = f.window
     if output.shape[0] != 1 or rows == 1:
         raise RuntimeError(f"lowrank: a batch of {output.shape[0]} rows where "
                            f"{rows} (members x prompts) were expected")
     x = x.expand(members, *x.shape[1:])
     if offsets is not None:
-        low = torch.nn.functional.embedding(x.reshape(members, -1) + offsets, into)
+        low = torch.nn.functional.embedding(x.reshape(members, -1) + offsets, in_side)
     else:
-        low = torch.bmm(x.reshape(members, -1, x.shape[-1]), into)
-    term = torch.bmm(low, back).repeat_interleave(rows // members, dim=0)
+        low = torch.bmm(x.reshape(members, -1, x.shape[-1]), in_side)
+    term = torch.bmm(low, out_side).repeat_interleave(rows // members, dim=0)
     return output + term.view(rows, *output.shape[1:])
 
 
@@ -253,7 +253,7 @@ class Rows:
     """Which rows of the population's batch the forward passes now see (micro-batches):
     whole members, or a part of one member's rows."""
 
-    def __init__(self, factors: list[_Member], rows: int, members: int):
+    def __init__(self, factors: list[_GroupFactors], rows: int, members: int):
         self._factors, self._rows, self._members = factors, rows, members
         self.select(0, rows)
 
@@ -274,7 +274,7 @@ class Rows:
 
 
 @contextlib.contextmanager
-def population(matrices: dict[str, list[Use]], master: dict[str, torch.Tensor],
+def population(matrices: dict[str, list[Reader]], master: dict[str, torch.Tensor],
                noise: LowRankNoise, seeds: list[int], signs: list[int],
                sigma: float, rows: int) -> Iterator[Rows]:
     """Within the block, batch rows [k*P, (k+1)*P) of any forward pass see member k's
@@ -286,7 +286,7 @@ def population(matrices: dict[str, list[Use]], master: dict[str, torch.Tensor],
     if rows % len(seeds):
         raise ValueError(f"{rows} rows do not split into {len(seeds)} members")
     replaced: list[tuple[torch.nn.Module, object]] = []  # module, its own instance forward
-    factors: list[_Member] = []
+    factors: list[_GroupFactors] = []
     held: list[torch.Tensor] = []  # pinned draws, alive until the block's passes ran
     try:
         for name, uses in matrices.items():
@@ -299,11 +299,11 @@ def population(matrices: dict[str, list[Use]], master: dict[str, torch.Tensor],
             ab = noise.draws(seeds, name, theta.shape, pin=cuda)
             held.append(ab)
             ab = ab.to(weight.device, weight.dtype, non_blocking=cuda)
-            a, b = ab[:, :theta.shape[0]], ab[:, theta.shape[0]:]  # _Member copies them
+            a, b = ab[:, :theta.shape[0]], ab[:, theta.shape[0]:]  # _GroupFactors copies them
             coef = torch.tensor([sign * sigma * noise.scale for sign in signs],
                                 dtype=weight.dtype, device=weight.device)
             for use in uses:
-                f = _Member(use, a, b, coef)
+                f = _GroupFactors(use, a, b, coef)
                 factors.append(f)
                 module = use.module
                 # an instance forward already there (accelerate's device hooks) is wrapped

@@ -23,7 +23,7 @@ import torch
 
 from es_mpi import runfile
 from es_mpi.basefile import BaseWeights
-from es_mpi.evaluate import EvalResult, eval_examples, evaluate
+from es_mpi.heldout import EvalResult, eval_examples, evaluate
 from es_mpi.session import kl_base_model
 
 BACKGROUND = True  # the training loop writes checkpoints in a thread (False: in line)
