@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +16,8 @@ from es_mpi import model as hf
 from es_mpi.config import Config
 from es_mpi.dist import Dist, set_threads
 from es_mpi.errors import EsError
-from es_mpi.heldout import eval_examples, evaluate
 from es_mpi.evaluators import member_groups
+from es_mpi.heldout import eval_examples, evaluate
 from es_mpi.loop import train_loop
 from es_mpi.replay import rebuild
 from es_mpi.session import (
@@ -237,12 +240,26 @@ def _print_done(cfg: Config, dist: Dist) -> None:
         line = summary.summary_line(cfg.run) + "\n"
     except EsError:  # the run is done and safe; its summary is a nicety
         line = "\n"
+    me = command_name()
     print(f"es-mpi: done. {line}"
           f"  run file: {cfg.run}\n"
-          f"  inspect: es-mpi inspect {cfg.run}\n"
-          f"  report:  es-mpi report {cfg.run}      (plots, PNG)\n"
-          f"  resume:  es-mpi resume {cfg.run} --generations {cfg.generations * 2}\n"
-          f"  export:  es-mpi export {cfg.run} OUT_DIR", flush=True)
+          f"  inspect: {me} inspect {cfg.run}\n"
+          f"  report:  {me} report {cfg.run}      (plots, PNG)\n"
+          f"  resume:  {me} resume {cfg.run} --generations {cfg.generations * 2}\n"
+          f"  export:  {me} export {cfg.run} OUT_DIR", flush=True)
+
+
+def command_name() -> str:
+    """How to run es-mpi again from this shell, for the commands printed to copy: `es-mpi`
+    where that is the one on PATH, else the path this one was started by (a venv that is
+    not activated: `.venv/bin/es-mpi`), or `python -m es_mpi.cli`."""
+    started = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if started is None or started.suffix == ".py" or not started.is_file():
+        return f"{sys.executable} -m es_mpi.cli"
+    on_path = shutil.which("es-mpi")
+    if on_path and Path(on_path).resolve() == started.resolve():
+        return "es-mpi"
+    return shlex.quote(str(started))
 
 
 def export(path: str, out_dir: str, generation: int | None, model: str | None,
@@ -274,7 +291,19 @@ def export(path: str, out_dir: str, generation: int | None, model: str | None,
         "run_file": str(Path(path).resolve()), "generation": generation,
         "checksum": f"{s.replica.checksum():016x}", "base_model": info.model_path,
     }, indent=2) + "\n")
+    _readable_as_any_file(out)
     print(f"es-mpi: wrote generation {generation} of {path} to {out}", flush=True)
+
+
+def _readable_as_any_file(out: Path) -> None:
+    """safetensors writes its files 0600, where every other file gets the umask's mode
+    (0644 under the usual 022): an export on a shared cluster would be the owner's alone.
+    Give every exported file the mode a new file gets here."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def evaluate_target(target: str, overrides: dict, limit: int, as_json: bool, dist: Dist,

@@ -1,0 +1,58 @@
+"""What a new user copies and shares: the commands printed at the end of a run run as
+printed from the same shell, and an exported model is readable by the group like every
+other file."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import cli_env
+
+VENV_BIN = Path(sys.executable).parent
+TINY = ["--population", "2", "--max-new-tokens", "2", "--generations", "1", "-q"]
+
+
+def test_the_printed_next_steps_run_as_printed(tiny_model, tmp_path):
+    """es-mpi started by its path (a venv that is not activated, as after `make demo`):
+    the printed commands name that path, and the printed inspect command runs from the
+    same shell, where `es-mpi` alone is not found."""
+    env = cli_env()
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
+                                  if Path(p).resolve() != VENV_BIN.resolve()) or "/usr/bin"
+    run = tmp_path / "r.h5"
+    es_mpi = VENV_BIN / "es-mpi"
+    done = subprocess.run([str(es_mpi), "train", "--model", str(tiny_model), "--run",
+                           str(run), *TINY], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    line = next(ln for ln in done.stdout.splitlines() if ln.strip().startswith("inspect:"))
+    command = shlex.split(line.split(":", 1)[1])
+    assert command[0] == str(es_mpi), line
+    again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path,
+                           timeout=300, check=False)
+    assert again.returncode == 0 and "run file" in again.stdout, again.stderr
+    bare = subprocess.run(["bash", "-c", "command -v es-mpi"], env=env, capture_output=True,
+                          text=True, check=False)
+    assert bare.returncode != 0, "es-mpi is on PATH: the test is blind"
+
+
+def test_exported_files_have_the_mode_of_any_new_file(tiny_model, tmp_path):
+    """safetensors writes 0600; colleagues on a shared cluster could not read an export.
+    Under umask 022 every exported file is 0644, as a file made by `touch` is."""
+    run, out = tmp_path / "r.h5", tmp_path / "out"
+    script = (f"umask 022 && {shlex.quote(str(VENV_BIN / 'es-mpi'))} train --model "
+              f"{shlex.quote(str(tiny_model))} --run {run} {' '.join(TINY)} && "
+              f"{shlex.quote(str(VENV_BIN / 'es-mpi'))} export {run} {out} && "
+              f"touch {tmp_path / 'plain'}")
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          env=cli_env(), timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    plain = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
+    assert "model.safetensors" in modes and plain == 0o644
+    assert modes == dict.fromkeys(modes, plain), modes
