@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
@@ -11,32 +10,60 @@ from collections.abc import Callable
 import click
 
 from es_mpi import __version__
-from es_mpi.config import Config, load_toml
+from es_mpi.config import FIELDS, Config, check_settings, load_toml
 from es_mpi.errors import EsError
 
 _TYPES = {"int": int, "float": float, "str": str}
 
 
-def config_options(fn: Callable) -> Callable:
-    """One --flag per Config field, help and choices from the field's metadata.
+class ConfigOption(click.Option):
+    """A flag made from a Config field by config_options; `config_field` names the field."""
 
-    Every default is None here, so a flag overrides the TOML file only when given.
+    def __init__(self, *decls, config_field: str, **kw):
+        super().__init__(*decls, **kw)
+        self.config_field = config_field
+
+
+def config_options(*names: str, flags: dict[str, str] | None = None,
+                   shown: str = "{default}") -> Callable[[Callable], Callable]:
+    """A decorator: one --flag per Config field (`names`; every field when none are given),
+    its help, type, choices and default from the field (es_mpi.config.Config).
+
+    Every flag's default is None, so a flag given overrides the value from elsewhere (a
+    TOML file, a preset, a run file) and one not given leaves it there, or at Config's
+    default; the command checks the values it got through Config (config.check_settings),
+    so a bad one gives Config's error line, whichever command it came through.
+    `flags`: a flag name other than the field's (bench's --prompts is batch_size).
+    `shown`: the default as the help states it; {default} is Config's default (eval's
+    "the run's, or {default}": a run file's value comes first).
     """
-    for f in reversed(dataclasses.fields(Config)):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        help_text = f"{f.metadata['help']} [default: {default if default != '' else 'none'}]"
-        if f.type == "bool":
-            opt = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
-        elif f.metadata.get("choices"):
-            opt = click.option(flag, f.name, type=click.Choice(f.metadata["choices"]),
-                               default=None, help=help_text)
-        else:
-            metavar = {"model": "DIR", "run": "RUN.h5"}.get(f.name)
-            opt = click.option(flag, f.name, type=_TYPES[f.type], default=None,
-                               help=help_text, metavar=metavar)
-        fn = opt(fn)
-    return fn
+    fields = [FIELDS[n] for n in names] if names else list(FIELDS.values())
+    renamed = flags or {}
+
+    def decorate(fn: Callable) -> Callable:
+        for f in reversed(fields):
+            flag = renamed.get(f.name, "--" + f.name.replace("_", "-"))
+            default = shown.format(default=f.default if f.default != "" else "none")
+            kw = {"cls": ConfigOption, "config_field": f.name, "default": None,
+                  "help": f"{f.metadata['help']} [default: {default}]"}
+            if f.type == "bool":
+                opt = click.option(f"{flag}/--no-{flag[2:]}", f.name, **kw)
+            elif f.metadata.get("choices"):
+                opt = click.option(flag, f.name, type=click.Choice(f.metadata["choices"]),
+                                   **kw)
+            else:
+                metavar = {"model": "DIR", "run": "RUN.h5", "task_data": "PATH",
+                           "reward": "MODULE:FN"}.get(f.name)
+                opt = click.option(flag, f.name, type=_TYPES[f.type], metavar=metavar, **kw)
+            fn = opt(fn)
+        return fn
+
+    return decorate
+
+
+def _given(values: dict) -> dict:
+    """The settings flags that were given (config_options' flags default to None)."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _run(body: Callable) -> None:
@@ -144,7 +171,7 @@ def cli() -> None:
               help="TOML file of settings (keys as the flags below, with _ or -); "
                    "flags given here override it.")
 @verbosity_options
-@config_options
+@config_options()
 def train(preset: str | None, config_file: str | None, quiet: bool, verbose: bool,
           **flags) -> None:
     """Run ES on a model and task, writing every generation to a run file.
@@ -166,8 +193,7 @@ def train(preset: str | None, config_file: str | None, quiet: bool, verbose: boo
 
 @cli.command()
 @click.argument("run_file", metavar="RUN.h5")
-@click.option("--generations", type=int, default=None,
-              help="Continue until this many generations in total [default: the run's target].")
+@config_options("generations", shown="the run's target")
 @click.option("--model", metavar="DIR", default=None,
               help="Base model directory, if it moved since the run started "
                    "(its weights must match the run's fingerprint).")
@@ -183,8 +209,7 @@ def resume(run_file: str, generations: int | None, model: str | None, quiet: boo
         from es_mpi import commands
 
         _configure_progress(dist, quiet, verbose)
-        if generations is not None and generations < 1:
-            raise EsError(f"--generations {generations}: must be >= 1")
+        check_settings(_given({"generations": generations}))
         commands.resume(run_file, generations, model, dist)
 
     _run(body)
@@ -212,26 +237,20 @@ def export(run_file: str, out_dir: str, generation: int | None, model: str | Non
     _run(body)
 
 
+# eval's settings: Config's fields, a run file's value unless given (--batch-size: the
+# held-out evaluation's prompts per generate call)
+EVAL_FIELDS = ("task", "task_data", "reward", "max_new_tokens", "eval_batch_size", "dtype",
+               "prompt_format")
+
+
 @cli.command(name="eval")
 @click.argument("target", metavar="MODEL_DIR|RUN.h5[@G]")
-@click.option("--task", default=None,
-              help="Task to score (default: the run's task, or conciseness for a model dir).")
-@click.option("--task-data", default=None, metavar="PATH",
-              help="JSON/JSONL file of examples for the task.")
-@click.option("--reward", default=None, metavar="MODULE:FN",
-              help="Reward function for --task jsonl:PATH.")
 @click.option("--limit", type=int, default=0, show_default=True,
               help="Score at most N held-out examples (0 = all).")
-@click.option("--max-new-tokens", type=int, default=None,
-              help="Tokens generated per prompt [default: the run's, or 64].")
-@click.option("--batch-size", type=int, default=None,
-              help="Prompts per generate call [default: 16].")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              default=None, help="Replica dtype [default: the run's, or auto].")
+@config_options(*EVAL_FIELDS, flags={"eval_batch_size": "--batch-size"},
+                shown="the run's, or {default}")
 @click.option("--model", metavar="DIR", default=None,
               help="Base model directory of a run file, if it moved since the run started.")
-@click.option("--prompt-format", type=click.Choice(["auto", "chat", "raw"]), default=None,
-              help="chat template, raw text, or auto [default: the run's, or auto].")
 @click.option("--samples", type=int, default=0, show_default=True,
               help="Also draw K samples per example (seeded) and report pass@K and their "
                    "mean reward next to greedy (0 = greedy only).")
@@ -248,14 +267,15 @@ def export(run_file: str, out_dir: str, generation: int | None, model: str | Non
               help="Base model to measure KL against when TARGET is a model directory "
                    "(e.g. the model an RL baseline started from).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
-def eval_command(target: str, task, task_data, reward, limit, max_new_tokens, batch_size, dtype,
-                 model, prompt_format, samples, temperature, seed, kl, base, as_json) -> None:
+def eval_command(target: str, limit, model, samples, temperature, seed, kl, base, as_json,
+                 **settings) -> None:
     """Score a model dir, or generation G of a run file, on the task's held-out examples.
 
     Greedy decoding (whatever the model's generation config says), batched, the examples
     shared out across the MPI ranks. Prints the mean reward and, for tasks with a notion of
     solved, the accuracy; with --samples K also the mean reward and pass@K of K seeded
-    samples per example.
+    samples per example. The settings flags (--task ... --prompt-format) are train's, with
+    its checks; those not given are the run file's (for a model dir: train's defaults).
     """
     def body(dist):
         import math
@@ -263,6 +283,8 @@ def eval_command(target: str, task, task_data, reward, limit, max_new_tokens, ba
         from es_mpi import commands
         from es_mpi.config import MAX_SEED
 
+        overrides = _given(settings)
+        check_settings(overrides)  # each value by Config's rules, before anything loads
         if limit < 0:
             raise EsError(f"--limit {limit}: must be >= 0")
         if not 0 <= samples <= 10_000:
@@ -271,10 +293,8 @@ def eval_command(target: str, task, task_data, reward, limit, max_new_tokens, ba
             raise EsError(f"--temperature {temperature}: must be in (0, 100]")
         if not 0 <= seed <= MAX_SEED:
             raise EsError(f"--seed {seed}: must be in 0..{MAX_SEED}")
-        overrides = {"task": task, "task_data": task_data, "reward": reward,
-                     "max_new_tokens": max_new_tokens, "eval_batch_size": batch_size,
-                     "dtype": dtype, "model": model, "prompt_format": prompt_format}
-        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if model is not None:
+            overrides["model"] = model
         commands.evaluate_target(target, overrides, limit, as_json, dist, samples,
                                  temperature, seed, kl, base)
 
@@ -325,32 +345,18 @@ def report(run_files: tuple[str, ...], out_dir: str | None) -> None:
     _run(body)
 
 
+# bench's settings: Config's fields, with train's defaults and checks (--prompts is
+# train's --batch-size: training prompts per generation, 0 = all of the task's)
+BENCH_FIELDS = ("task", "task_data", "population", "batch_size", "max_new_tokens", "sigma",
+                "lr", "rank", "antithetic", "dtype", "generate_batch", "master",
+                "member_batch")
+
+
 @cli.command()
 @click.option("--model", metavar="DIR", required=True, help="Hugging Face model directory.")
-@click.option("--task", default="conciseness", show_default=True, help="Reward task.")
-@click.option("--task-data", default="", metavar="PATH", help="JSON/JSONL examples for the task.")
-@click.option("--population", type=int, default=8, show_default=True, help="Members N.")
-@click.option("--prompts", type=int, default=0, show_default=True,
-              help="Training prompts per member: 0 = all of the task's training prompts "
-                   "(train's --batch-size 0), else the task's first sample of this size.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True,
-              help="Tokens per sequence; EOS is ignored so every mode does equal work.")
-@click.option("--sigma", type=float, default=1e-3, show_default=True, help="Noise scale.")
-@click.option("--lr", type=float, default=5e-4, show_default=True, help="Learning rate.")
-@click.option("--rank", type=int, default=1, show_default=True, help="Lowrank rank r.")
-@click.option("--antithetic/--no-antithetic", default=True, show_default=True,
-              help="Antithetic pairs in the lowrank and full modes (not the paper loop): a "
-                   "pair costs full mode one noise instead of two.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              default="auto", show_default=True, help="Replica dtype.")
+@config_options(*BENCH_FIELDS, flags={"batch_size": "--prompts"})
 @click.option("--threads", type=int, default=0,
               help="Torch threads per mode [default: all cores available].")
-@click.option("--generate-batch", type=int, default=0, show_default=True,
-              help="Rows per generate call (micro-batches); 0 = auto, as in train.")
-@click.option("--master", type=click.Choice(["device", "host"]), default="device",
-              show_default=True, help="Where the fp32 master lives (lowrank and full modes).")
-@click.option("--member-batch", type=int, default=0, show_default=True,
-              help="lowrank: members per batched generate; 0 = auto, as in train.")
 @click.option("--repeat", type=int, default=3, show_default=True,
               help="Interleaved rounds of every mode in one process, for the times and "
                    "ratios (medians, with min-max); 0 = each mode's single run alone.")
@@ -369,9 +375,8 @@ def report(run_files: tuple[str, ...], out_dir: str | None) -> None:
 @click.option("--checkpoint/--no-checkpoint", default=True, show_default=True,
               help="Also time writing a checkpoint of the fp32 master after each mode's "
                    "single run (at 7B about 30 GB of compressed HDF5: minutes).")
-def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr, rank,
-          antithetic, dtype, threads, generate_batch, master, member_batch, repeat, scaling,
-          modes, json_out, timeout, checkpoint) -> None:
+def bench(model, threads, repeat, scaling, modes, json_out, timeout, checkpoint,
+          **settings) -> None:
     """Time one ES generation per mode against pure batched inference of the same sequences.
 
     Each mode runs alone in a fresh single process (one rank), for its memory: inference
@@ -379,6 +384,11 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
     loop, the baseline). Then --repeat interleaved rounds of every mode in one process
     give the times and ratios (median, min-max). Prints a table of seconds, tokens/s,
     ratios, phase split and peak memory per rank.
+
+    The settings flags are train's, with its defaults and checks (--prompts is train's
+    --batch-size). --antithetic is off unless given, as in train (before, bench paired
+    members by default); pairs apply to the lowrank and full modes, not the paper loop,
+    and cost full mode one noise per pair instead of two.
     """
     import json
     import os
@@ -388,28 +398,24 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
     from es_mpi.tooling.bench import bench as run_bench
 
     try:
+        # every setting by train's rules first, as train checks them before its model
+        cfg = check_settings({"model": model, **_given(settings)})
         check_model_dir(model)
         chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
         unknown = [m for m in chosen if m not in MODES]
         if unknown or not chosen:
             raise EsError(f"--modes: unknown mode(s) {', '.join(unknown) or '(none)'}; "
                           f"choose from {', '.join(MODES)}")
-        for name, value in (("population", population), ("max-new-tokens", max_new_tokens),
-                            ("rank", rank)):
-            if value < 1:
-                raise EsError(f"--{name} {value}: must be >= 1")
-        for name, value in (("prompts", prompts), ("generate-batch", generate_batch),
-                            ("member-batch", member_batch), ("repeat", repeat),
-                            ("timeout", timeout)):
+        for name, value in (("repeat", repeat), ("timeout", timeout)):
             if value < 0:
                 raise EsError(f"--{name} {value:g}: must be >= 0")
-        opts = {"model": os.path.abspath(model), "task": task,
-                "task_data": os.path.abspath(task_data) if task_data else "",
-                "population": population, "prompts": prompts,
-                "max_new_tokens": max_new_tokens, "sigma": sigma, "lr": lr, "rank": rank,
-                "antithetic": antithetic, "dtype": dtype,
-                "generate_batch": generate_batch, "master": master,
-                "member_batch": member_batch, "checkpoint": checkpoint,
+        opts = {"model": os.path.abspath(model), "task": cfg.task,
+                "task_data": os.path.abspath(cfg.task_data) if cfg.task_data else "",
+                "population": cfg.population, "prompts": cfg.batch_size,
+                "max_new_tokens": cfg.max_new_tokens, "sigma": cfg.sigma, "lr": cfg.lr,
+                "rank": cfg.rank, "antithetic": cfg.antithetic, "dtype": cfg.dtype,
+                "generate_batch": cfg.generate_batch, "master": cfg.master,
+                "member_batch": cfg.member_batch, "checkpoint": checkpoint,
                 "threads": threads or len(os.sched_getaffinity(0))}
         echo = lambda m: click.echo(m, err=True)  # noqa: E731
         report = run_bench(opts, chosen, echo=echo, repeat=repeat, timeout=timeout)
@@ -418,7 +424,7 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
 
             report["scaling"] = scaling_report(opts, max(repeat, 1), echo)
     except EsError as exc:
-        click.echo(f"es-mpi: error: {exc}", err=True)
+        click.echo(f"es-mpi: error: {_one_line(exc)}", err=True)
         sys.exit(2)
     click.echo(table(report))
     if json_out:
@@ -427,47 +433,28 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
         click.echo(f"wrote {json_out}")
 
 
+# plan's settings: Config's fields that the memory depends on, with train's defaults and
+# checks (es_mpi.tooling.plan.CONFIG_FIELDS, not imported here: it imports torch)
+PLAN_FIELDS = ("mode", "dtype", "master", "decay_to", "credit", "population", "member_batch",
+               "rank", "antithetic", "max_new_tokens", "generate_batch", "eval_kl")
+
+
 @cli.command(name="plan")
 @click.option("--model", metavar="DIR|CONFIG.json|NAME", required=True,
               help="A Hugging Face model directory, its config.json, or a shipped config: "
                    "qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b, qwen2.5-7b, llama-3.1-8b "
                    "(the -instruct models). Only the config is read, never weights.")
-@click.option("--mode", type=click.Choice(["full", "lowrank"]), default="full",
-              show_default=True, help="Population evaluation, as es-mpi train --mode.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              default="auto", show_default=True,
-              help="Replica dtype; auto is bfloat16, as on a GPU rank (float32 with "
-                   "--device cpu).")
-@click.option("--master", type=click.Choice(["device", "host"]), default="device",
-              show_default=True, help="Where the fp32 master (and decay anchor) live.")
-@click.option("--decay-to", type=click.Choice(["zero", "init"]), default="zero",
-              show_default=True, help="init keeps an fp32 anchor copy of the trained weights.")
-@click.option("--credit", type=click.Choice(["realized", "intended"]), default="realized",
-              show_default=True, help="Full mode, 16-bit replica: the update's credit, as "
-                                      "es-mpi train --credit (realized keeps more work space).")
-@click.option("--population", type=int, default=8, show_default=True, help="Members N.")
-@click.option("--member-batch", type=int, default=0, show_default=True,
-              help="lowrank: members in one batched generate (0 = auto, as train decides: "
-                   "as many as one generate call holds).")
-@click.option("--rank", type=int, default=1, show_default=True, help="lowrank rank r.")
-@click.option("--antithetic", is_flag=True, help="Antithetic pairs (N/2 distinct seeds).")
+@config_options(*PLAN_FIELDS)
 @click.option("--prompts", type=int, default=16, show_default=True,
               help="Training prompts per generation (es-mpi train --batch-size, or the "
                    "task's training set when that is 0).")
 @click.option("--prompt-tokens", type=int, default=128, show_default=True,
               help="Tokens of the longest prompt (the batch is padded to it).")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True,
-              help="Tokens generated per prompt.")
-@click.option("--generate-batch", type=int, default=0, show_default=True,
-              help="Rows per generate call (0 = auto: all rows, or as many as fit in "
-                   "--gpu-memory, as the engine decides).")
 @click.option("--eval-batch-size", type=int, default=0, show_default=True,
               help="Held-out prompts per generate call, as es-mpi train --eval-batch-size, "
                    "when the run evaluates held-out examples (--eval-every > 0); 0 = none.")
 @click.option("--eval-prompt-tokens", type=int, default=0, show_default=True,
               help="Tokens of the longest held-out prompt (0 = as --prompt-tokens).")
-@click.option("--eval-kl", is_flag=True,
-              help="Held-out KL (es-mpi train --eval-kl): a second copy of the weights.")
 @click.option("--gpu-memory", default="80GB", show_default=True, metavar="SIZE",
               help="Memory of one GPU, with its unit: 80GB, 141GB (10^9 bytes), 80GiB or "
                    "80G (2^30), 512MiB ...")
@@ -475,10 +462,8 @@ def bench(model, task, task_data, population, prompts, max_new_tokens, sigma, lr
               show_default=True, help="Plan a GPU rank, or a CPU rank (everything in RAM).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object with every term in bytes.")
-def plan_command(model, mode, dtype, master, decay_to, credit, population, member_batch, rank,
-                 antithetic, prompts, prompt_tokens, max_new_tokens, generate_batch,
-                 eval_batch_size, eval_prompt_tokens, eval_kl, gpu_memory, device,
-                 as_json) -> None:
+def plan_command(model, prompts, prompt_tokens, eval_batch_size, eval_prompt_tokens,
+                 gpu_memory, device, as_json, **settings) -> None:
     """Estimate the memory one rank needs, before anything loads.
 
     Bytes per rank for the weights, the KL base model, the fp32 master, the decay
@@ -486,7 +471,9 @@ def plan_command(model, mode, dtype, master, decay_to, credit, population, membe
     and, on a GPU, the caching allocator's reserve, on the device and on the host, from
     the model's config alone; then whether it fits in --gpu-memory and, if not, what to
     change. Estimates calibrated against peaks measured on the CPU; the GPU's allocator
-    reserve and CUDA context are assumed.
+    reserve and CUDA context are assumed. The settings flags (--mode ... --eval-kl) are
+    es-mpi train's, with its defaults and checks; --dtype auto is bfloat16 on a GPU rank,
+    float32 with --device cpu.
     """
     import json
 
@@ -494,12 +481,8 @@ def plan_command(model, mode, dtype, master, decay_to, credit, population, membe
 
     try:
         settings = planner.Settings(
-            mode=mode, dtype=dtype, master=master, decay_to=decay_to, credit=credit,
-            population=population, member_batch=member_batch, rank=rank,
-            antithetic=antithetic, prompts=prompts,
-            prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
-            generate_batch=generate_batch, eval_batch_size=eval_batch_size,
-            eval_prompt_tokens=eval_prompt_tokens, eval_kl=eval_kl,
+            **_given(settings), prompts=prompts, prompt_tokens=prompt_tokens,
+            eval_batch_size=eval_batch_size, eval_prompt_tokens=eval_prompt_tokens,
             gpu_memory=planner.parse_size(gpu_memory, "--gpu-memory"), device=device)
         planner.resolve(model)  # a bad name fails here, before transformers is imported
         shape = planner.shape_of(model)

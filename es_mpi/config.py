@@ -228,12 +228,31 @@ class Config:
         ]
 
 
+# Config's fields by name: the one source of every command's settings flags (es_mpi.cli's
+# config_options builds them from here) and of es-mpi plan's Settings
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+
+
 def field_help(name: str) -> str:
-    return next(f.metadata["help"] for f in dataclasses.fields(Config) if f.name == name)
+    return FIELDS[name].metadata["help"]
 
 
 def field_choices(name: str) -> tuple[str, ...] | None:
-    return next(f.metadata.get("choices") for f in dataclasses.fields(Config) if f.name == name)
+    return FIELDS[name].metadata.get("choices")
+
+
+def field_default(name: str) -> Any:
+    return FIELDS[name].default
+
+
+def check_settings(values: dict[str, Any]) -> Config:
+    """Validate some of Config's fields by Config's own rules (`__post_init__`), every
+    other field at its default, and return that Config.
+
+    The one check behind the settings of every command (train, resume, eval, bench) and
+    behind es-mpi plan's Settings: a bad value gives the same EsError ("config: sigma =
+    2.0: must be in (0, 1]; ...") whichever command it came through."""
+    return Config.from_dict(dict(values))
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

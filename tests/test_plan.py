@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from es_mpi import sizing  # the generate terms plan builds on (no torch at import)
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 MIB = 2**20
@@ -319,9 +321,9 @@ def test_shapes_counted_exactly():
     # lowrank trains the matrices: no biases, no norms
     assert small.matrix_params == 494_032_768 - 24 * (896 + 2 * 128 + 2 * 896) - 896
     # KV cache per token, bf16: 2 (keys, values) x layers x KV heads x head dim x 2 bytes
-    assert plan.kv_cache_bytes(plan.shape_of("qwen2.5-7b"), "bfloat16", 1, 1) == \
+    assert sizing.kv_cache_bytes(plan.shape_of("qwen2.5-7b"), "bfloat16", 1, 1) == \
         2 * 28 * 4 * 128 * 2
-    assert plan.kv_cache_bytes(plan.shape_of("llama-3.1-8b"), "bfloat16", 1, 1) == \
+    assert sizing.kv_cache_bytes(plan.shape_of("llama-3.1-8b"), "bfloat16", 1, 1) == \
         2 * 32 * 8 * 128 * 2
 
 
@@ -378,7 +380,7 @@ def test_a_cuda_plan_does_no_torch_work(monkeypatch):
     def probe(dtype):
         raise AssertionError("a GPU plan ran the CPU's LM-head probe")
 
-    monkeypatch.setattr(plan, "head_copies_per_row", probe)
+    monkeypatch.setattr(sizing, "head_copies_per_row", probe)
     shape = plan.shape_of("qwen2.5-0.5b")
     for dtype in ("bfloat16", "float16", "float32"):
         plan.plan(shape, plan.Settings(dtype=dtype))
@@ -387,11 +389,10 @@ def test_a_cuda_plan_does_no_torch_work(monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_the_lm_head_probe_counts_whole_copies(dtype):
-    from es_mpi.tooling import plan
 
     # a kernel copies the head's weights for each row or it does not: a fraction far from
     # a whole number would be the probe measuring something else (first-use allocations)
-    copies = plan.head_copies_per_row(dtype)
+    copies = sizing.head_copies_per_row(dtype)
     assert copies in (0.0, 1.0) or abs(copies - round(copies)) <= 0.05, copies
 
 
@@ -399,14 +400,13 @@ def test_the_lm_head_probe_leaves_this_process_peak_alone():
     import torch
 
     from es_mpi import memory
-    from es_mpi.tooling import plan
 
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("no peak RSS to reset here (not Linux)")
-    plan.head_copies_per_row.cache_clear()
+    sizing.head_copies_per_row.cache_clear()
     torch.ones(2**26).sum()  # 256 MiB, freed: this process's peak, as a phase's would be
     peak = memory.peak_rss_bytes()
-    plan.head_copies_per_row("bfloat16")  # ~100 MiB where it runs: not here
+    sizing.head_copies_per_row("bfloat16")  # ~100 MiB where it runs: not here
     assert memory.peak_rss_bytes() >= peak
 
 

@@ -264,6 +264,7 @@ def bench(model: Path, work: Path, size: str, modes: str, repeat: int, dry_run: 
     report = work / f"bench-{model.name}-{modes.replace(',', '-')}.json"
     settings = (["--population", 4, "--prompts", 2, "--max-new-tokens", 4] if dry_run
                 else ["--population", 8, "--prompts", 4, "--max-new-tokens", 64])
+    settings.append("--antithetic")  # pairs, as the CPU figures of docs/speed.md
     # bench bounds its own workers too; its clock starts after its imports, so ours,
     # which kills the whole group, mostly comes first
     limit = DEADLINE.timeout(CAPS["bench"], f"bench {size} {modes}")

@@ -39,7 +39,7 @@ cache, activations, allocator reserve) and the update phase. The activation coef
 were measured on the CPU (torch 2.13, transformers 5.25), and tests/test_plan.py checks
 each phase's plan against the peaks measured there. On a GPU, the allocator reserve and
 the CUDA context are assumptions, not measurements. Not counted: held-out KL's
-teacher-forced forward passes (es_mpi.evaluate.KL_ROWS rows, their full logits), which
+teacher-forced forward passes (es_mpi.heldout.KL_ROWS rows, their full logits), which
 run after generate has freed its KV cache.
 """
 
@@ -52,6 +52,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from es_mpi.config import check_settings, field_default
 from es_mpi.errors import EsError
 from es_mpi.noise import NOISE_CHUNK
 from es_mpi.sizing import (  # the generate terms, shared with the engine's batch sizing
@@ -206,52 +207,49 @@ def shape_of(model: str) -> Shape:
 
 # -- the plan --------------------------------------------------------------------------------
 
+# Settings' fields that are es-mpi train's (es_mpi.config.Config), with its meaning: their
+# defaults, choices and checks are Config's (es-mpi plan's flags for them: es_mpi.cli's
+# PLAN_FIELDS). Not among them: prompts (train's batch_size, but 0 there means the task's
+# training set, which plan has no task to count) and eval_batch_size (0 here: no held-out
+# evaluation).
+CONFIG_FIELDS = ("mode", "dtype", "master", "decay_to", "credit", "population",
+                 "member_batch", "rank", "antithetic", "max_new_tokens", "generate_batch",
+                 "eval_kl")
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the plan depends on, with es-mpi train's meaning (es_mpi.config.Config)."""
 
-    mode: str = "full"
-    dtype: str = "auto"          # auto: bfloat16 on a GPU rank, float32 on a CPU rank
-    master: str = "device"
-    decay_to: str = "zero"
-    credit: str = "realized"     # full mode, 16-bit replica: the update's credit
-    population: int = 8
-    member_batch: int = 0        # 0 = auto: as many members as one generate call holds
-    rank: int = 1
-    antithetic: bool = False
+    mode: str = field_default("mode")
+    dtype: str = field_default("dtype")  # auto: bfloat16 on a GPU rank, float32 on a CPU rank
+    master: str = field_default("master")
+    decay_to: str = field_default("decay_to")
+    credit: str = field_default("credit")  # full mode, 16-bit replica: the update's credit
+    population: int = field_default("population")
+    member_batch: int = field_default("member_batch")  # 0 = auto: as many as one call holds
+    rank: int = field_default("rank")
+    antithetic: bool = field_default("antithetic")
     prompts: int = 16
     prompt_tokens: int = 128
-    max_new_tokens: int = 64
-    generate_batch: int = 0      # 0 = auto: all rows, or as many as fit in gpu_memory
+    max_new_tokens: int = field_default("max_new_tokens")
+    generate_batch: int = field_default("generate_batch")  # 0 = auto: all rows, or what fits
     gpu_memory: int = 80 * 10**9
     device: str = "cuda"         # cuda: a GPU rank; cpu: a CPU rank (everything in RAM)
     # held-out evaluation (es-mpi train --eval-every K > 0): its prompts per generate call
     # (0 = none), their longest prompt (0 = as prompt_tokens), and held-out KL (--eval-kl)
     eval_batch_size: int = 0
     eval_prompt_tokens: int = 0
-    eval_kl: bool = False
+    eval_kl: bool = field_default("eval_kl")
 
     def __post_init__(self) -> None:
-        choices = {"mode": ("full", "lowrank"), "master": ("device", "host"),
-                   "decay_to": ("zero", "init"), "device": ("cuda", "cpu"),
-                   "credit": ("realized", "intended"),
-                   "dtype": ("auto", *DTYPE_BYTES)}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise EsError(f"--{name.replace('_', '-')} {getattr(self, name)}: choose one "
-                              f"of {', '.join(allowed)}")
-        if self.member_batch < 0:
-            raise EsError(f"--member-batch {self.member_batch}: must be >= 0 (0 = auto)")
-        for name in ("population", "rank", "prompts", "prompt_tokens", "max_new_tokens"):
+        # train's fields by train's rules: the same error line as es-mpi train's
+        check_settings({name: getattr(self, name) for name in CONFIG_FIELDS})
+        if self.device not in ("cuda", "cpu"):
+            raise EsError(f"--device {self.device}: choose one of cuda, cpu")
+        for name in ("prompts", "prompt_tokens"):
             if getattr(self, name) < 1:
                 raise EsError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        if self.population < 2:
-            raise EsError(f"--population {self.population}: need at least 2 members")
-        if self.antithetic and self.population % 2:
-            raise EsError(f"--population {self.population}: antithetic pairs need an even "
-                          "population")
-        if self.generate_batch < 0:
-            raise EsError(f"--generate-batch {self.generate_batch}: must be >= 0 (0 = auto)")
         if self.gpu_memory <= 0:
             raise EsError("--gpu-memory must be more than 0 bytes")
         if self.eval_batch_size < 0:
