@@ -497,7 +497,43 @@ def plan_command(model, prompts, prompt_tokens, eval_batch_size, eval_prompt_tok
         click.echo(planner.report(shape, result))
 
 
+class _ClosedPipeSafe:
+    """stdout that outlives its reader: once the pipe's reader has gone (`es-mpi inspect
+    RUN | head -2`, or a training run piped into head), the rest of the output goes to
+    /dev/null instead of ending the command with BrokenPipeError. A run goes on to its
+    end; nothing it prints can stop it."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _to_devnull(self) -> None:
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # later writes, ours or C code's, land there
+        os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return self._stream.write(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+            self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main() -> None:
+    if not isinstance(sys.stdout, _ClosedPipeSafe) and hasattr(sys.stdout, "fileno"):
+        sys.stdout = _ClosedPipeSafe(sys.stdout)
     cli()
 
 

@@ -56,3 +56,32 @@ def test_exported_files_have_the_mode_of_any_new_file(tiny_model, tmp_path):
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
     assert "model.safetensors" in modes and plain == 0o644
     assert modes == dict.fromkeys(modes, plain), modes
+
+
+def _closed_pipe_run(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    """es-mpi ARGS with its stdout a pipe whose reader is already gone (`... | head -1`
+    once head has exited): every write meets EPIPE."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([str(VENV_BIN / "es-mpi"), *map(str, args)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=cwd,
+                              timeout=300, check=False)
+    finally:
+        os.close(write)
+
+
+def test_output_into_a_closed_pipe_neither_fails_nor_stops_a_run(tiny_model, tmp_path):
+    """`es-mpi inspect RUN | head -2` ended in BrokenPipeError and exit 1; a training run
+    piped into head must go on to its end."""
+    import h5py
+
+    run = tmp_path / "r.h5"
+    train = _closed_pipe_run(["train", "--model", tiny_model, "--run", run,
+                              "--population", "2", "--max-new-tokens", "2",
+                              "--generations", "2"], tmp_path)
+    assert train.returncode == 0 and "Error" not in train.stderr, train.stderr
+    with h5py.File(run, "r") as f:
+        assert int(f.attrs["complete_generations"]) == 2
+    inspect = _closed_pipe_run(["inspect", run], tmp_path)
+    assert inspect.returncode == 0 and inspect.stderr == "", inspect.stderr
