@@ -24,6 +24,15 @@ class ConfigOption(click.Option):
         self.config_field = config_field
 
 
+def _known(name: str) -> str:
+    """The names a setting takes, where the help should list them (the built-in tasks)."""
+    if name != "task":
+        return ""
+    from tasks import TASKS
+
+    return f" Built-in tasks: {', '.join(sorted(TASKS))}."
+
+
 def config_options(*names: str, flags: dict[str, str] | None = None,
                    shown: str = "{default}") -> Callable[[Callable], Callable]:
     """A decorator: one --flag per Config field (`names`; every field when none are given),
@@ -44,8 +53,10 @@ def config_options(*names: str, flags: dict[str, str] | None = None,
         for f in reversed(fields):
             flag = renamed.get(f.name, "--" + f.name.replace("_", "-"))
             default = shown.format(default=f.default if f.default != "" else "none")
+            given = "required: here or in --config" if f.metadata.get("required") else \
+                f"default: {default}"
             kw = {"cls": ConfigOption, "config_field": f.name, "default": None,
-                  "help": f"{f.metadata['help']} [default: {default}]"}
+                  "help": f"{f.metadata['help']}{_known(f.name)} [{given}]"}
             if f.type == "bool":
                 opt = click.option(f"{flag}/--no-{flag[2:]}", f.name, **kw)
             elif f.metadata.get("choices"):

@@ -436,6 +436,9 @@ def inspect(path: str, as_json: bool, dist: Dist) -> None:
     for hw in info["hardware"]:
         print(f"machine      from generation {hw['generation']}: {hw['world_size']} rank(s) "
               f"on {devices.label(hw)}, {hw.get('dtype', '?')} replicas")
+    if info["last_generations"]:
+        print(f"last {len(info['last_generations'])} generation(s) (every generation: "
+              "es-mpi report, or the run file's /generations)")
     for g in info["last_generations"]:
         diag = "".join(f", {k} {g[k]:.3g}" for k in DIAGNOSTIC_FIELDS
                        if g.get(k) is not None)

@@ -29,7 +29,8 @@ def _field(default, help: str, resumable: bool = False, **kw):
 
 @dataclass
 class Config:
-    model: str = _field("", "Hugging Face model directory (config.json + weights).", resumable=True)
+    model: str = _field("", "Hugging Face model directory (config.json + weights).",
+                        resumable=True, required=True)
     task: str = _field("conciseness", "Reward task: a name (conciseness, ...), module:Class, "
                        "or jsonl:PATH with --reward.")
     task_data: str = _field("", "JSON/JSONL file of examples for the task (default: built-in).")

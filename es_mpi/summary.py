@@ -79,11 +79,12 @@ def run_stats(run: Run) -> dict:
 
 
 def summary_line(path: str | Path) -> str:
-    """One line on a finished run: rewards first -> last, best, held-out, time."""
+    """One line on a finished run: rewards first -> last, best, held-out, and the time of
+    every generation of the run, all its sessions together (after a resume, too)."""
     stats = run_stats(load_run(path))
     line = (f"{stats['generations']} generations, reward mean {stats['first_mean']:.4g} -> "
             f"{stats['last_mean']:.4g} (best {stats['best_mean']:.4g} at generation "
-            f"{stats['best_generation']}), {format_seconds(stats['seconds'])}")
+            f"{stats['best_generation']}), {format_seconds(stats['seconds'])} in all")
     if stats["heldout"] is not None:
         h = stats["heldout"]
         line += f"; held-out {h['first']:.4g} -> {h['last']:.4g}"

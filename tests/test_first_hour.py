@@ -36,6 +36,7 @@ def test_the_printed_next_steps_run_as_printed(tiny_model, tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path,
                            timeout=300, check=False)
     assert again.returncode == 0 and "run file" in again.stdout, again.stderr
+    assert "last 1 generation(s)" in again.stdout  # the rows that follow say what they are
     bare = subprocess.run(["bash", "-c", "command -v es-mpi"], env=env, capture_output=True,
                           text=True, check=False)
     assert bare.returncode != 0, "es-mpi is on PATH: the test is blind"
@@ -85,3 +86,16 @@ def test_output_into_a_closed_pipe_neither_fails_nor_stops_a_run(tiny_model, tmp
         assert int(f.attrs["complete_generations"]) == 2
     inspect = _closed_pipe_run(["inspect", run], tmp_path)
     assert inspect.returncode == 0 and inspect.stderr == "", inspect.stderr
+
+
+def test_train_help_names_the_tasks_and_that_a_model_is_required():
+    """`--task` listed no task names (only the error for a wrong one did), and `--model`
+    showed "[default: none]" although a run needs one."""
+    from tasks import TASKS
+
+    out = subprocess.run([str(VENV_BIN / "es-mpi"), "train", "--help"], capture_output=True,
+                         text=True, env=cli_env(), timeout=120, check=True).stdout
+    flat = " ".join(out.split())
+    assert all(name in flat for name in TASKS), flat
+    model = flat[flat.index("--model DIR"):flat.index("--task")]
+    assert "required" in model and "default: none" not in model, model

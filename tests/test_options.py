@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from es_mpi import cli as cli_module
-from es_mpi.cli import ConfigOption, cli
+from es_mpi.cli import ConfigOption, _known, cli
 from es_mpi.config import FIELDS, Config
 from es_mpi.errors import EsError
 
@@ -119,7 +119,7 @@ def test_each_settings_flag_is_trains(command, name):
     train_decl, train_text = help_record("train", train)
     body, default = split_default(text)
     train_body, train_default = split_default(train_text)
-    assert body == train_body == FIELDS[name].metadata["help"]
+    assert body == train_body == FIELDS[name].metadata["help"] + _known(name)
     assert train_default == shown_default(name)
     if command == "eval":  # a run file's value first, else train's default
         assert default == f"the run's, or {train_default}"
