@@ -256,8 +256,13 @@ def check_settings(values: dict[str, Any]) -> Config:
     return Config.from_dict(dict(values))
 
 
+PATH_KEYS = ("model", "task_data", "run", "tensorboard")  # settings that name a file or dir
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file; keys are Config field names (dashes allowed)."""
+    """Read a TOML config file; keys are Config field names (dashes allowed). A relative
+    path in it (PATH_KEYS) is relative to the file's own directory, so a config means
+    the same files from wherever it is used (`--config runs/a.toml`, a job script)."""
     path = Path(path)
     try:
         with path.open("rb") as fh:
@@ -271,4 +276,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         if key.replace("-", "_") not in known:
             raise EsError(f"config file {path}: unknown key {key!r}; valid keys: "
                           f"{', '.join(sorted(known))}")
-    return {k.replace("-", "_"): v for k, v in values.items()}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    for key in PATH_KEYS:
+        value = values.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            values[key] = str(path.resolve().parent / value)
+    return values

@@ -99,3 +99,36 @@ def test_train_help_names_the_tasks_and_that_a_model_is_required():
     assert all(name in flat for name in TASKS), flat
     model = flat[flat.index("--model DIR"):flat.index("--task")]
     assert "required" in model and "default: none" not in model, model
+
+
+def test_paths_in_a_config_are_relative_to_the_config(tiny_model, tmp_path):
+    """demo.toml's task data was found from the repository root only; a config's
+    relative paths now mean files beside it, from whatever directory it is used."""
+    import h5py
+
+    root = Path(__file__).resolve().parent.parent
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    conf_dir = tmp_path / "exp"
+    conf_dir.mkdir()
+    (conf_dir / "qa.jsonl").write_text('{"prompt": "Say hi.", "answer": "hi"}\n'
+                                       '{"prompt": "Say no.", "answer": "no"}\n')
+    (conf_dir / "run.toml").write_text('task_data = "qa.jsonl"\nrun = "out/run.h5"\n'
+                                       'population = 2\nmax_new_tokens = 2\n'
+                                       'generations = 1\n')
+    (conf_dir / "out").mkdir()
+    for config, run in ((conf_dir / "run.toml", conf_dir / "out" / "run.h5"),
+                        (root / "es_mpi" / "presets" / "demo.toml", elsewhere / "demo.h5")):
+        args = ["train", "--config", config, "--model", tiny_model, "--generations", "1",
+                "--max-new-tokens", "2", "-q"]
+        if config.name == "demo.toml":
+            args += ["--run", run]
+        proc = subprocess.run([str(VENV_BIN / "es-mpi"), *map(str, args)], cwd=elsewhere,
+                              capture_output=True, text=True, env=cli_env(), timeout=300,
+                              check=False)
+        assert proc.returncode == 0, proc.stderr
+        with h5py.File(run, "r") as f:
+            import json
+
+            data = json.loads(f.attrs["config"])["task_data"]
+        assert Path(data) == config.parent / Path(data).name, data

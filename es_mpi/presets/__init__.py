@@ -2,8 +2,8 @@
 
 A preset is a TOML file here, with the keys of a `--config` file; its first line is a
 comment describing it (shown by `es-mpi train --help`). Relative paths in a preset
-(`task_data`) are relative to the directory that holds the `es_mpi` package, so they
-resolve the same from a git checkout and from an installed wheel.
+(`task_data`) are relative to this directory, as in any config file (es_mpi.config.
+load_toml), so they resolve the same from a git checkout and from an installed wheel.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from es_mpi.config import load_toml
 from es_mpi.errors import EsError
 
 PRESET_DIR = Path(__file__).parent
-PACKAGE_ROOT = PRESET_DIR.parent.parent  # the directory holding es_mpi/
-PATH_KEYS = ("task_data",)
 
 
 def names() -> list[str]:
@@ -37,12 +35,8 @@ def description(name: str) -> str:
 
 
 def load(name: str) -> dict[str, Any]:
-    """The preset's settings, with relative paths made absolute."""
-    values = load_toml(path(name))
-    for key in PATH_KEYS:
-        if values.get(key) and not Path(values[key]).is_absolute():
-            values[key] = str(PACKAGE_ROOT / values[key])
-    return values
+    """The preset's settings, its relative paths made absolute (load_toml)."""
+    return load_toml(path(name))
 
 
 def help_text() -> str:
