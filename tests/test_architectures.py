@@ -5,14 +5,18 @@ For each tiny random model of tiny_model.ARCHS and each mode:
   bit-identical (rewards of every generation, final checkpoint), with rewards that vary;
 - `export` of the last generation, loaded with plain transformers `from_pretrained`,
   generates greedily the very completions the run's held-out evaluation recorded;
-- `export` of a generation between checkpoints replays the log and must reproduce the
-  checksum the run recorded (else it refuses).
+- `export` of a generation between checkpoints (no checkpoint at or before it: replayed
+  from the base model) writes weights whose checksum, computed here from the exported
+  files by es_mpi.es.checksum's definition written out anew, is the one the run recorded
+  for that generation, and which differ from the base weights; the tensors it does not
+  train (lowrank: norms, biases) are the base model's, bit for bit.
 The lowrank forward of every architecture against materialized weights (fp64) is in
 tests/test_lowrank.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import h5py
@@ -83,9 +87,45 @@ def test_architecture_end_to_end(arch_model, mode, tmp_path):
         config = json.loads(f.attrs["config"])
     assert recorded == completions_of(out, config), arch
 
-    # a generation between checkpoints (2 and 3) is rebuilt by replay, checked by checksum
+    # a generation before the first checkpoint (2) is rebuilt by replaying generation 0
+    # from the base weights: the exported files hold the weights the run recorded the
+    # checksum of (generations/checksum[g]: the weights after generation g's update)
+    with h5py.File(two, "r") as f:
+        assert min(int(k) for k in f["checkpoints"]) > 1, "generation 1 is not replayed"
+        want = int(f["generations/checksum"][0])
     cli_in_process(["export", two, tmp_path / "gen1", "--generation", "1"])
-    assert (tmp_path / "gen1" / "config.json").is_file()
+    gen1 = parameters(tmp_path / "gen1")
+    trained = {name: gen1[name] for name in gen1 if name in delta_two}
+    assert trained.keys() == delta_two.keys()
+    assert weights_checksum(trained) == want, f"{arch}: exported generation 1"
+    assert weights_checksum({n: base[n] for n in trained}) != want, \
+        f"{arch}: generation 0 left the weights as they were; the check is blind"
+    for name in gen1.keys() - trained.keys():  # never trained: the base model's bits
+        torch.testing.assert_close(gen1[name], base[name], rtol=0, atol=0)
+
+
+def weights_checksum(tensors: dict[str, torch.Tensor]) -> int:
+    """es_mpi.es.checksum's definition, written out here in numpy: blake2b (8-byte
+    digest, person "es-mpi-check") over, per tensor in model order, its name, the sum of
+    its fp32 bits read as int32 (16 bytes, little-endian, signed) and its shape as the
+    text of a Python tuple; the digest read little-endian, its top bit cleared."""
+    h = hashlib.blake2b(digest_size=8, person=b"es-mpi-check")
+    for name, t in tensors.items():
+        a = t.detach().numpy()
+        assert a.dtype == np.float32, (name, a.dtype)
+        total = int(a.view(np.int32).sum(dtype=np.int64))
+        h.update(name.encode())
+        h.update(total.to_bytes(16, "little", signed=True))
+        h.update(str(tuple(a.shape)).encode())
+    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
+
+
+def parameters(model_dir) -> dict[str, torch.Tensor]:
+    """The parameters in model order, each once (tied weights under their first name)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return {name: p.detach() for name, p in model.named_parameters()}
 
 
 def state_dict(model_dir) -> dict[str, torch.Tensor]:

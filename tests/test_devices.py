@@ -53,25 +53,54 @@ def test_results_do_not_depend_on_the_micro_batch(tiny_model, mode, tmp_path):
         assert json.loads(f.attrs["config"])["generate_batch"] == 3  # recorded as given
 
 
-@pytest.mark.parametrize("n,unit", [(12, 3), (8, 2), (7, 1), (10, 5)])
+def allowed_span(n: int, limit: int, unit: int, r0: int, r1: int) -> bool:
+    """Rows r0..r1-1 may be one generate call: at most `limit` rows (0: any number), and
+    whole blocks of `unit` rows, or part of a single block where a block exceeds the limit."""
+    cap = limit or n
+    whole = r0 % unit == 0 and (r1 % unit == 0 or r1 == n)
+    inside_one = r0 // unit == (r1 - 1) // unit
+    return r1 - r0 <= cap and (whole or (inside_one and cap < unit))
+
+
+def fewest_spans(n: int, limit: int, unit: int) -> int:
+    """Brute force: the fewest allowed spans that cover rows 0..n-1 in order (shortest
+    path over every cut point)."""
+    best = [0] + [n + 1] * n  # best[r]: the fewest spans covering rows 0..r-1 (n + 1: none)
+    for r1 in range(1, n + 1):
+        best[r1] = min((best[r0] + 1 for r0 in range(r1)
+                        if allowed_span(n, limit, unit, r0, r1)), default=n + 1)
+    return best[n]
+
+
+# (n, unit) -> {limit: the spans}, worked out by hand
+BY_HAND = {
+    (12, 3): {0: [(0, 12)], 12: [(0, 12)],                       # no limit, or all fit
+              7: [(0, 6), (6, 12)],                              # 2 members of 3 rows a call
+              5: [(0, 3), (3, 6), (6, 9), (9, 12)],
+              2: [(0, 2), (2, 3), (3, 5), (5, 6), (6, 8), (8, 9), (9, 11), (11, 12)]},
+    (10, 5): {4: [(0, 4), (4, 5), (5, 9), (9, 10)]},             # a member exceeds the limit
+    (7, 1): {3: [(0, 3), (3, 6), (6, 7)]},
+    (8, 2): {5: [(0, 4), (4, 8)]},
+    (12, 4): {11: [(0, 8), (8, 12)], 3: [(0, 3), (3, 4), (4, 7), (7, 8), (8, 11), (11, 12)]},
+}
+
+
+@pytest.mark.parametrize("n,unit", list(BY_HAND))
 def test_micro_batches_cover_the_rows_and_keep_members_whole(n, unit):
     """Every row once, in order, at most `limit` per call; a call holds whole blocks of
-    `unit` rows (lowrank's members), or, where one block exceeds the limit, part of one."""
+    `unit` rows (lowrank's members), or, where one block exceeds the limit, part of one;
+    no cut those rules allow has fewer calls (a search over every cut); and the spans
+    worked out by hand."""
     from es_mpi.model import micro_batches
 
     for limit in range(0, n + 2):
         spans = micro_batches(n, limit, unit)
         assert [r for r0, r1 in spans for r in range(r0, r1)] == list(range(n)), limit
         for r0, r1 in spans:
-            assert r1 - r0 <= (limit or n), (limit, r0, r1)
-            blocks = {r // unit for r in range(r0, r1)}
-            whole = all(b * unit >= r0 and (b + 1) * unit <= r1 for b in blocks)
-            assert whole or (len(blocks) == 1 and limit < unit), (limit, r0, r1)
-        # as few calls as that allows: whole blocks where a block fits
-        per_call = n if not limit or limit >= n else (
-            limit // unit * unit if limit >= unit else limit)
-        want = -(-n // per_call) if limit >= unit or not limit else n // unit * -(-unit // limit)
-        assert len(spans) == want, (limit, spans)
+            assert allowed_span(n, limit, unit, r0, r1), (limit, r0, r1)
+        assert len(spans) == fewest_spans(n, limit, unit), (limit, spans)
+    for limit, want in BY_HAND[n, unit].items():
+        assert micro_batches(n, limit, unit) == want, limit
 
 
 @pytest.mark.parametrize("mode", list(MODES))
