@@ -281,7 +281,7 @@ def micro_batches(n: int, limit: int, unit: int = 1) -> list[tuple[int, int]]:
     if limit >= unit:
         step = limit // unit * unit
         return [(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
-    return [(r0, min(b + unit, r0 + limit))
+    return [(r0, min(b + unit, r0 + limit, n))
             for b in range(0, n, unit) for r0 in range(b, min(n, b + unit), limit)]
 
 

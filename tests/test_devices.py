@@ -234,3 +234,10 @@ def test_member_batch_auto_takes_every_member_records_it_and_continues(tiny_mode
                                       fe["generations/rewards"][:3])
         np.testing.assert_array_equal(fa["generations/checksum"][:3],
                                       fe["generations/checksum"][:3])
+
+
+def test_micro_batches_stop_at_the_last_row_when_blocks_do_not_divide_it():
+    """9 rows in blocks of 4 cut 3 at a time: the last block has 1 row (8), not 8..10."""
+    from es_mpi.model import micro_batches
+
+    assert micro_batches(9, 3, 4) == [(0, 3), (3, 4), (4, 7), (7, 8), (8, 9)]
