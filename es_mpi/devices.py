@@ -115,14 +115,6 @@ def bind(dist, gpus_per_rank: int, share: bool = False) -> list[torch.device]:
     return devices
 
 
-def first_device() -> torch.device:
-    """The device a single process without a binding (one-process tools) computes on:
-    the current CUDA device, with its index, or the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 # -- dtype and layout ----------------------------------------------------------------------------
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
