@@ -19,6 +19,7 @@ from es_mpi.errors import EsError
 from es_mpi.evaluators import member_groups
 from es_mpi.heldout import eval_examples, evaluate
 from es_mpi.loop import train_loop
+from es_mpi.noise import derive_seed
 from es_mpi.replay import rebuild
 from es_mpi.session import (
     check_task,
@@ -101,6 +102,7 @@ def train(cfg: Config, dist: Dist) -> None:
     set_threads(dist)
     s = _open(cfg, dist, task, train_examples, None)
     cfg = s.cfg  # member_batch and generate_batch decided
+    _measure_rounding(cfg, s)
 
     def create():
         writer = runfile.RunWriter.create(
@@ -147,6 +149,7 @@ def _continue(cfg: Config, info: runfile.RunInfo, task: Task, train_examples: li
     cfg = s.cfg
     # every rank reads the file (and agrees) before rank 0 opens it for writing
     dist.collective(lambda: rebuild(s, cfg.run, info, done))
+    _measure_rounding(cfg, s)  # on the weights the run goes on from
 
     def reopen():
         writer = runfile.RunWriter.open_append(cfg.run)
@@ -209,6 +212,14 @@ def _note_idle_ranks(cfg: Config, dist: Dist, show) -> None:
 
 
 ROUNDING_NOTE = 0.05  # a 16-bit replica losing more of a perturbation than this is told
+
+
+def _measure_rounding(cfg: Config, s) -> None:
+    """Full mode on a 16-bit replica: what the dtype rounds away of a member's
+    perturbation (es_mpi.es.Replica.rounding_loss), recorded with the machine. Training
+    only: eval, export and bench have no use for it."""
+    if cfg.mode == "full" and s.machine["dtype"] != "float32":
+        s.machine.update(s.replica.rounding_loss(derive_seed(cfg.seed, "rounding")))
 
 
 def _note_rounding(cfg: Config, s, show) -> None:

@@ -120,7 +120,8 @@ def es_update_(master: Mapping[str, torch.Tensor], seeds_n: np.ndarray, signs_n:
                work: dict[torch.device, torch.Tensor] | None = None,
                sums: dict[str, int] | None = None,
                realized: Mapping[str, torch.dtype] | None = None, sigma: float = 0.0,
-               half: dict[torch.device, torch.Tensor] | None = None) -> None:
+               half: dict[tuple[torch.device, torch.dtype], torch.Tensor] | None = None
+               ) -> None:
     """theta += lr/N * sum_i z_i * sign_i * eps_i  (- lr * wd * (theta - anchor)), in place.
 
     The same inputs give bit-identical results on every rank: members are summed in

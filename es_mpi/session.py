@@ -168,8 +168,6 @@ def open_session(cfg: Config, dist: Dist, task: Task, train: list,
                 tokenizer=tokenizer, replica=replica, devices=devices,
                 fingerprint=fingerprint, matrices=matrices, base=base,
                 machine=dev.describe(devices, next(model.parameters()).dtype))
-    if cfg.mode == "full" and s.machine["dtype"] != "float32":
-        s.machine.update(replica.rounding_loss(derive_seed(cfg.seed, "rounding")))
     return s
 
 
